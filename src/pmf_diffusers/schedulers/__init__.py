@@ -1,0 +1,3 @@
+from .scheduling_pmf import PMFScheduler, PMFSchedulerOutput
+
+__all__ = ["PMFScheduler", "PMFSchedulerOutput"]
