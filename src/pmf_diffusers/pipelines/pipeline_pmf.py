@@ -51,9 +51,9 @@ class PMFPipeline(DiffusionPipeline):
         self,
         transformer: PMFTransformer2DModel,
         scheduler: PMFScheduler,
-        id2label: dict[int, str] | None = None,
+        id2label: dict[int, str] | dict[str, str] | None = None,  # str keys when read back from model_index.json
         default_guidance_scale: float = 1.0,
-        default_guidance_interval: tuple[float, float] = (0.0, 1.0),
+        default_guidance_interval: tuple[float, float] | list[float] = (0.0, 1.0),
     ):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler)

@@ -157,7 +157,7 @@ class Muon(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------------------------------
     @staticmethod
-    def _next_step(state: dict, p: torch.Tensor) -> int:
+    def _next_step(state: dict) -> int:
         if "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state["step"] += 1
@@ -193,7 +193,7 @@ class Muon(torch.optim.Optimizer):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            count = self._next_step(state, p)
+            count = self._next_step(state)
             g = p.grad.to(torch.float32)
             m = state["momentum_buffer"]
             # m = (1 - beta) * g + beta * m   (optax tree_update_moment)
@@ -238,7 +238,7 @@ class Muon(torch.optim.Optimizer):
             if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            count = self._next_step(state, p)
+            count = self._next_step(state)
             buckets.setdefault((count, p.device, p.dtype), []).append(p)
 
         for (count, _, _), params in buckets.items():
