@@ -9,6 +9,7 @@ are derived outside the network: u = (z_t − x̂_u) / max(t, 0.05).
 """
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -354,6 +355,20 @@ class PMFTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapter
             if proj_out is not None:
                 proj_out.weight.zero_()
                 proj_out.bias.zero_()
+
+    def _apply(self, fn, *args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Casting complex values to real discards the imaginary part")
+            super()._apply(fn, *args, **kwargs)
+        rope_freqs = self._buffers.get("rope_freqs")
+        if rope_freqs is not None and not rope_freqs.is_complex():
+            # `module.to(torch.bfloat16)` also casts complex buffers to the real dtype, silently dropping the
+            # imaginary part (the sines). The table is deterministic: rebuild it in complex64 on the new device.
+            config = self.config
+            self._buffers["rope_freqs"] = get_2d_rope_freqs(
+                config.sample_size // config.patch_size, config.attention_head_dim, config.rope_theta
+            ).to(rope_freqs.device)
+        return self
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, N, p·p·C) with features ordered (row-in-patch, col-in-patch, channel) → (B, C, S, S)."""

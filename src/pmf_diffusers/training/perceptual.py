@@ -255,11 +255,16 @@ class ConvNeXtV2Features(_FrozenModule):
         try:
             model = ConvNextV2Model.from_pretrained(name_or_path, **kwargs)
         except OSError as err:
+            if Path(name_or_path).is_dir():
+                hint = f"Put `config.json` and `model.safetensors` of `{CONVNEXT_V2_DEFAULT}` into {name_or_path}."
+            else:
+                hint = (
+                    f"On a machine with internet run `hf download {name_or_path}` and copy its cache folder "
+                    f"`models--{str(name_or_path).replace('/', '--')}` into {HF_HUB_CACHE} on this machine, or "
+                    "pass a local folder containing `config.json` and `model.safetensors`."
+                )
             raise PerceptualWeightsNotFoundError(
-                f"ConvNeXt-V2 weights '{name_or_path}' are not available ({err}).\n"
-                f"On a machine with internet run `hf download {CONVNEXT_V2_DEFAULT}` and copy its cache folder "
-                f"`models--{CONVNEXT_V2_DEFAULT.replace('/', '--')}` into {HF_HUB_CACHE} on this machine, or pass "
-                "a local folder containing `config.json` and `model.safetensors`."
+                f"ConvNeXt-V2 weights '{name_or_path}' are not available ({err}).\n{hint}"
             ) from err
         return cls(model)
 
@@ -305,8 +310,10 @@ def paired_random_resized_crop(
     Differentiable w.r.t. both images.
 
     The official JAX code resamples with ``jax.image.scale_and_translate`` (bicubic, antialias) on the whole image,
-    whereas this crops first and uses ``F.interpolate(mode="bicubic", antialias=True)``: values are close (same
-    Keys a=−0.5 kernel) but not bit-identical, mostly along the crop border.
+    whereas this crops first and uses ``F.interpolate(mode="bicubic", antialias=True)``. Both use the Keys a=−0.5
+    kernel, so values are close but not bit-identical: away from the border they agree to ~1e-5, while the outer
+    few output rows/columns differ (up to ~0.2 on noisy, strongly enlarged crops) because JAX's kernel also reads
+    the pixels just outside the box.
 
     Args:
         x_hat, x (`torch.Tensor`): images (B, C, H, W) of the same shape.

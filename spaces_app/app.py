@@ -1,0 +1,503 @@
+# Copyright 2026 The pmf-diffusers developers. MIT License.
+"""Gradio Space: one-step, class-conditional, pixel-space image generation with pixel MeanFlow (pMF).
+
+Run locally with `python spaces_app/app.py` (or `build_demo().launch()`). The bundled toy model (10 classes of coloured
+shapes, 32×32) works offline; the official ImageNet sizes (`pMF-B/16` … `pMF-H/32`) are offered when the Hub is
+reachable or their converted folders are already cached, and are downloaded and converted once on first use.
+
+API (e.g. through `gradio_client.Client(url)`):
+* `/generate(classes, seed, randomize_seed, guidance_scale, guidance_min, guidance_max, num_steps, images_per_class,
+  model)` → (gallery, grid PNG, timing text, seed used). Every argument is checked on the server; a bad request raises
+  a `gr.Error` whose message says what to change.
+* `/load_model(model, active_model)` → (status, active model, …): loads (or reuses) a model; on failure the status
+  says why and the active model stays the previous one.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import random
+import re
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import gradio as gr
+import torch
+from PIL import Image
+
+from pmf_diffusers import PMFPipeline, load_imagenet_id2label
+from pmf_diffusers.bundled import BUNDLED_MODEL_NAME, load_bundled_pipeline
+from pmf_diffusers.conversion import OFFICIAL_PRESETS, default_cache_dir, load_official
+
+try:  # ZeroGPU: `@spaces.GPU` attaches a GPU slice for the duration of the call; a no-op elsewhere.
+    import spaces
+
+    GPU = spaces.GPU
+except ImportError:  # local runs and CI do not need the `spaces` package
+
+    def GPU(fn=None, **_kwargs):
+        return fn if fn is not None else (lambda inner: inner)
+
+
+# --- request limits (checked on the server inside `generate`, not only by the sliders) ---
+MAX_CLASSES = 8
+MAX_IMAGES_PER_CLASS = 4
+MAX_STEPS = 4
+MIN_GUIDANCE, MAX_GUIDANCE = 1.0, 20.0
+MAX_SEED = 2**31 - 1
+GRID_MIN_TILE = 128  # small models (32×32) are upscaled (nearest) in the downloadable grid so they stay visible
+
+BUNDLED = "bundled"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+OFFICIAL_EXAMPLE_IDS = [(207,), (360, 387), (974, 88), (207, 360, 387, 974, 88)]
+CSS = "#gallery img { image-rendering: pixelated; }"  # crisp upscaling of the 32×32 toy samples
+
+ModelSource = str | os.PathLike | Callable[[], PMFPipeline]
+
+
+class GenerateRequestError(gr.Error):
+    """A request outside the Space's limits (shown in the UI and returned to API clients; no server traceback)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, print_exception=False)
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _official_cached(name: str) -> bool:
+    preset = OFFICIAL_PRESETS[name]
+    if (default_cache_dir() / name.replace("/", "-") / "model_index.json").is_file():
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        from pmf_diffusers.conversion import OFFICIAL_REPO_ID
+
+        return isinstance(try_to_load_from_cache(OFFICIAL_REPO_ID, preset.filename), str)
+    except Exception:
+        return False
+
+
+def default_models() -> dict[str, ModelSource]:
+    """The bundled toy model, plus every official size that can be loaded here: all of them when the Hub may be
+    reached, only the cached ones when `HF_HUB_OFFLINE` is set."""
+    models: dict[str, ModelSource] = {BUNDLED: load_bundled_pipeline}
+    for name in OFFICIAL_PRESETS:
+        if not _hub_offline() or _official_cached(name):
+            models[name] = name
+    return models
+
+
+class ModelRegistry:
+    """Thread-safe, shared cache of loaded pipelines (the bundled model stays; at most `max_loaded` others)."""
+
+    def __init__(self, sources: Mapping[str, ModelSource], max_loaded: int = 2):
+        self.sources = dict(sources)
+        self.max_loaded = max_loaded
+        self._pipes: OrderedDict[str, PMFPipeline] = OrderedDict()
+        self._lock = threading.Lock()
+        self._load_locks: dict[str, threading.Lock] = {name: threading.Lock() for name in self.sources}
+
+    def label(self, name: str) -> str:
+        if name == BUNDLED:
+            return f"Toy shapes 32×32 — bundled ({BUNDLED_MODEL_NAME}, offline)"
+        if name in OFFICIAL_PRESETS:
+            preset = OFFICIAL_PRESETS[name]
+            size = preset.sample_size
+            return f"{name} — ImageNet {size}×{size} (FID {preset.fid:g}; downloaded + converted on first use)"
+        return name
+
+    def is_loaded(self, name: str) -> bool:
+        with self._lock:
+            return name in self._pipes
+
+    def get(self, name: str) -> PMFPipeline:
+        """The pipeline for `name`, loading it on first use; raises with the reason when it cannot be loaded."""
+        if name not in self.sources:
+            raise KeyError(f"Unknown model {name!r}; choose one of: {', '.join(self.sources)}.")
+        with self._lock:
+            if name in self._pipes:
+                self._pipes.move_to_end(name)
+                return self._pipes[name]
+        with self._load_locks[name]:  # two sessions asking for the same model wait for one load
+            with self._lock:
+                if name in self._pipes:
+                    return self._pipes[name]
+            pipe = self._load(name)
+            with self._lock:
+                self._pipes[name] = pipe
+                evictable = [key for key in self._pipes if key != BUNDLED and key != name]
+                while len(self._pipes) - (BUNDLED in self._pipes) > self.max_loaded and evictable:
+                    del self._pipes[evictable.pop(0)]
+            gc.collect()
+            return pipe
+
+    def _load(self, name: str) -> PMFPipeline:
+        source = self.sources[name]
+        if callable(source):
+            pipe = source()
+        elif isinstance(source, str) and source in OFFICIAL_PRESETS:
+            pipe = load_official(source)
+        else:
+            pipe = PMFPipeline.from_pretrained(Path(source))
+        if not isinstance(pipe, PMFPipeline):
+            raise TypeError(f"{name!r} did not load as a PMFPipeline (got {type(pipe).__name__}).")
+        pipe.set_progress_bar_config(disable=True)
+        pipe.transformer.eval()
+        return pipe.to(DEVICE)  # on ZeroGPU `spaces` defers the move until a GPU slice is attached
+
+
+# --- class choices ---
+def class_choices(pipe: PMFPipeline) -> list[str]:
+    return [f"{class_id}: {names}" for class_id, names in sorted(pipe.id2label.items())] or [
+        str(class_id) for class_id in range(pipe.num_classes)
+    ]
+
+
+def toy_example_rows(pipe: PMFPipeline) -> list[list]:
+    """Examples for a small model: a few single classes, then several at once (inputs: classes, seed, randomize)."""
+    choices = class_choices(pipe)
+    rows = [[[choice], 0] for choice in choices[:3]] + [[choices[: min(MAX_CLASSES, 6)], 1]]
+    return [[classes, seed, False] for classes, seed in rows]
+
+
+def official_example_rows() -> list[list]:
+    """Classic ImageNet classes for the official sizes (207 golden retriever, 360 otter, 387 red panda, …)."""
+    id2label = load_imagenet_id2label()
+    return [[[f"{i}: {id2label[i]}" for i in ids], seed, False] for seed, ids in enumerate(OFFICIAL_EXAMPLE_IDS)]
+
+
+def default_classes(pipe: PMFPipeline) -> list[str]:
+    choices = class_choices(pipe)
+    if pipe.num_classes == 1000 and pipe.id2label:
+        return [choices[i] for i in (207, 360, 387)]
+    return choices[: min(4, len(choices))]
+
+
+_CHOICE = re.compile(r"^\s*(\d+)\s*:\s*(.*?)\s*$")
+
+
+def parse_classes(classes, pipe: PMFPipeline, model: str) -> list[int]:
+    """Dropdown values ("207: golden retriever"), bare ids ("207" or 207) or names → class ids, with clear errors."""
+    if classes is None or classes == "" or classes == []:
+        raise GenerateRequestError("No class selected: pick at least one class (by name or index) and try again.")
+    if isinstance(classes, (str, int)) and not isinstance(classes, bool):
+        classes = [classes]
+    if not isinstance(classes, (list, tuple)):
+        raise GenerateRequestError(f"`classes` must be a list of class names or ids, got {type(classes).__name__}.")
+    classes = [item for item in classes if not (isinstance(item, str) and not item.strip())]
+    if not classes:
+        raise GenerateRequestError("No class selected: pick at least one class (by name or index) and try again.")
+    if len(classes) > MAX_CLASSES:
+        raise GenerateRequestError(f"Too many classes ({len(classes)}): at most {MAX_CLASSES} per request.")
+    ids = []
+    for item in classes:
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise GenerateRequestError(f"Class {item!r} is neither a class name nor an id.")
+        if isinstance(item, float):
+            if not item.is_integer():
+                raise GenerateRequestError(f"Class id {item!r} is not an integer.")
+            item = int(item)
+        match = _CHOICE.match(item) if isinstance(item, str) else None
+        try:
+            if match:  # "id: name" from the dropdown — the id decides, the name must belong to it
+                class_id = pipe.get_label_ids(int(match.group(1)))[0]
+                expected = pipe.id2label.get(class_id, "")
+                if match.group(2) and expected and match.group(2).lower() != expected.lower():
+                    raise ValueError(
+                        f"class {class_id} of this model is {expected!r}, not {match.group(2)!r} "
+                        "(was it chosen for another model?)"
+                    )
+            else:
+                class_id = pipe.get_label_ids(item)[0]
+        except (ValueError, TypeError) as error:
+            raise GenerateRequestError(f"Unknown class {item!r} for model {model}: {error}") from None
+        ids.append(class_id)
+    return ids
+
+
+def _number(value, name: str, integer: bool = False) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise GenerateRequestError(f"`{name}` must be a finite number, got {value!r}.")
+    if integer:
+        if not float(value).is_integer():
+            raise GenerateRequestError(f"`{name}` must be a whole number, got {value!r}.")
+        return int(value)
+    return float(value)
+
+
+def validate_request(seed, randomize_seed, guidance_scale, guidance_min, guidance_max, num_steps, images_per_class):
+    """Server-side limits; returns normalised values or raises `gr.Error` naming the offending argument."""
+    if not isinstance(randomize_seed, bool):
+        raise GenerateRequestError(f"`randomize_seed` must be true or false, got {randomize_seed!r}.")
+    if randomize_seed:
+        seed = random.randint(0, MAX_SEED)
+    seed = _number(seed, "seed", integer=True)
+    if not 0 <= seed <= MAX_SEED:
+        raise GenerateRequestError(f"`seed` must be between 0 and {MAX_SEED}, got {seed}.")
+    num_steps = _number(num_steps, "num_steps", integer=True)
+    if not 1 <= num_steps <= MAX_STEPS:
+        raise GenerateRequestError(f"`num_steps` must be 1 to {MAX_STEPS} (pMF is a one-step model), got {num_steps}.")
+    images_per_class = _number(images_per_class, "images_per_class", integer=True)
+    if not 1 <= images_per_class <= MAX_IMAGES_PER_CLASS:
+        raise GenerateRequestError(
+            f"`images_per_class` must be 1 to {MAX_IMAGES_PER_CLASS}, got {images_per_class}."
+        )
+    guidance_scale = _number(guidance_scale, "guidance_scale")
+    if not MIN_GUIDANCE <= guidance_scale <= MAX_GUIDANCE:
+        raise GenerateRequestError(
+            f"`guidance_scale` (ω) must be between {MIN_GUIDANCE:g} (no guidance) and {MAX_GUIDANCE:g}, "
+            f"got {guidance_scale:g}."
+        )
+    guidance_min = _number(guidance_min, "guidance_min")
+    guidance_max = _number(guidance_max, "guidance_max")
+    if not (0.0 <= guidance_min <= 1.0 and 0.0 <= guidance_max <= 1.0):
+        raise GenerateRequestError(
+            f"The guidance interval must lie within [0, 1], got [{guidance_min:g}, {guidance_max:g}]."
+        )
+    if guidance_min > guidance_max:
+        raise GenerateRequestError(
+            f"The guidance interval needs t_min ≤ t_max, got t_min={guidance_min:g} > t_max={guidance_max:g}."
+        )
+    return seed, guidance_scale, (guidance_min, guidance_max), num_steps, images_per_class
+
+
+@GPU(duration=30)
+def run_pipeline(pipe: PMFPipeline, labels, seeds, num_steps, guidance_scale, guidance_interval):
+    """The only GPU work (decorated with `@spaces.GPU` on ZeroGPU); returns (images, seconds)."""
+    device = pipe.device
+    generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    images = pipe(
+        class_labels=labels,
+        num_inference_steps=num_steps,
+        guidance_scale=guidance_scale,
+        guidance_interval=guidance_interval,
+        generator=generators,
+        output_type="pil",
+    ).images
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return images, time.perf_counter() - start
+
+
+def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
+    width, height = images[0].size
+    scale = max(1, math.ceil(GRID_MIN_TILE / max(width, height)))
+    tile_w, tile_h = width * scale, height * scale
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * tile_w, rows * tile_h), "white")
+    for index, image in enumerate(images):
+        if scale > 1:
+            image = image.resize((tile_w, tile_h), Image.NEAREST)
+        grid.paste(image, ((index % columns) * tile_w, (index // columns) * tile_h))
+    return grid
+
+
+def build_demo(
+    default_model: str = BUNDLED,
+    models: Mapping[str, ModelSource] | None = None,
+    max_loaded: int = 2,
+) -> gr.Blocks:
+    """The Space UI. `models` maps a model name to an official size name, a pipeline folder or a loader callable
+    (default: `default_models()`); `default_model` is loaded before the UI is built."""
+    registry = ModelRegistry(models if models is not None else default_models(), max_loaded=max_loaded)
+    if default_model not in registry.sources:
+        raise ValueError(f"default_model {default_model!r} is not one of {list(registry.sources)}.")
+    first = registry.get(default_model)
+    stats = {"generate_calls": 0, "images": 0}
+    grid_dir = Path(tempfile.mkdtemp(prefix="pmf_space_"))
+    is_imagenet = lambda pipe: pipe.num_classes == 1000 and bool(pipe.id2label)  # noqa: E731
+
+    def model_facts(name: str, pipe: PMFPipeline) -> str:
+        config = pipe.transformer.config
+        return (
+            f"**{name}** on `{DEVICE}`: {pipe.num_classes} classes, {config.sample_size}×{config.sample_size} px, "
+            f"recommended ω = {pipe.config.default_guidance_scale:g}, interval "
+            f"[{pipe.config.default_guidance_interval[0]:g}, {pipe.config.default_guidance_interval[1]:g}]."
+        )
+
+    def generate(
+        classes,
+        seed,
+        randomize_seed,
+        guidance_scale,
+        guidance_min,
+        guidance_max,
+        num_steps,
+        images_per_class,
+        model=default_model,
+    ):
+        stats["generate_calls"] += 1
+        seed, omega, interval, num_steps, per_class = validate_request(
+            seed, randomize_seed, guidance_scale, guidance_min, guidance_max, num_steps, images_per_class
+        )
+        if not isinstance(model, str) or model not in registry.sources:
+            raise GenerateRequestError(f"Unknown model {model!r}; choose one of: {', '.join(registry.sources)}.")
+        try:
+            pipe = registry.get(model)
+        except Exception as error:  # noqa: BLE001 — show the reason instead of a generic failure
+            raise gr.Error(f"Could not load {model}: {error}") from None
+        ids = parse_classes(classes, pipe, model)
+        labels = [class_id for class_id in ids for _ in range(per_class)]
+        seeds = [seed + index for index in range(len(labels))]
+        try:
+            images, seconds = run_pipeline(pipe, labels, seeds, num_steps, omega, interval)
+        except Exception as error:  # noqa: BLE001
+            raise gr.Error(f"Generation failed: {type(error).__name__}: {error}") from None
+        stats["images"] += len(images)
+        names = {class_id: pipe.id2label.get(class_id, "unconditional").split(",")[0] for class_id in ids}
+        gallery = [(image, f"{label}: {names[label]} · seed {s}") for image, label, s in zip(images, labels, seeds)]
+        grid_path = grid_dir / f"pmf_{re.sub(r'[^A-Za-z0-9]+', '-', model)}_seed{seed}_{time.time_ns()}.png"
+        make_grid(images, per_class).save(grid_path)
+        timing = (
+            f"{len(images)} image(s) in {seconds:.3f} s → {1000 * seconds / len(images):.1f} ms per image "
+            f"({num_steps} step{'s' if num_steps > 1 else ''}, ω = {omega:g}, interval [{interval[0]:g}, "
+            f"{interval[1]:g}], {model} on {pipe.device.type}, seed {seed})"
+        )
+        return gallery, str(grid_path), timing, seed
+
+    def load_model(name, active):
+        """Generator: reports progress while a model loads in the queue; the previous model stays usable."""
+        # outputs: status, active model, model dropdown, classes, ω, t_min, t_max, toy examples, official examples
+        unchanged = (gr.update(),) * 6
+
+        def failed(message: str):
+            gr.Warning(message)
+            return (f"❌ {message}\n\nStill using **{active}**.", active, gr.update(value=active), *unchanged)
+
+        if not isinstance(name, str) or name not in registry.sources:
+            yield failed(f"Unknown model {name!r}; choose one of: {', '.join(registry.sources)}.")
+            return
+        if not registry.is_loaded(name):
+            yield (
+                f"⏳ Loading **{name}** … (the first use of an official size downloads and converts it; "
+                f"you can keep generating with **{active}** meanwhile)",
+                active,
+                gr.update(),
+                *unchanged,
+            )
+        start = time.perf_counter()
+        try:
+            pipe = registry.get(name)
+        except Exception as error:  # noqa: BLE001
+            yield failed(f"Could not load {name}: {type(error).__name__}: {error}")
+            return
+        official = is_imagenet(pipe)
+        lo, hi = pipe.config.default_guidance_interval
+        yield (
+            f"✅ {model_facts(name, pipe)} (ready in {time.perf_counter() - start:.1f} s)",
+            name,
+            gr.update(value=name),
+            gr.update(choices=class_choices(pipe), value=default_classes(pipe)),
+            gr.update(value=min(max(pipe.config.default_guidance_scale, MIN_GUIDANCE), MAX_GUIDANCE)),
+            gr.update(value=lo),
+            gr.update(value=hi),
+            gr.update(visible=not official),
+            gr.update(visible=official),
+        )
+
+    # --- layout ---
+    first_lo, first_hi = first.config.default_guidance_interval
+    with gr.Blocks(title="pixel MeanFlow (pMF) — one-step image generation") as demo:
+        gr.Markdown(
+            "# pixel MeanFlow (pMF) — one-step, pixel-space image generation\n"
+            "One network evaluation turns noise into an image, with no VAE and no latent space "
+            "([paper](https://arxiv.org/abs/2601.22158); `pip install pmf-diffusers` for the diffusers pipeline). "
+            "Guidance is an input of the network, so ω costs nothing extra. Pick classes by name or index."
+        )
+        with gr.Row():
+            with gr.Column(scale=2):
+                model_dd = gr.Dropdown(
+                    choices=[(registry.label(name), name) for name in registry.sources],
+                    value=default_model,
+                    label="Model",
+                    interactive=True,
+                )
+                status = gr.Markdown(f"✅ {model_facts(default_model, first)}")
+                active_model = gr.Textbox(value=default_model, visible=False, label="Active model")
+                classes_dd = gr.Dropdown(
+                    choices=class_choices(first),
+                    value=default_classes(first),
+                    multiselect=True,
+                    filterable=True,
+                    allow_custom_value=True,
+                    max_choices=MAX_CLASSES,
+                    label=f"Classes (search by name or index; up to {MAX_CLASSES})",
+                    elem_id="classes",
+                )
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+                    randomize = gr.Checkbox(value=False, label="Randomize seed")
+                with gr.Row():
+                    steps = gr.Slider(1, MAX_STEPS, value=1, step=1, label="Steps (1 = one-step)")
+                    per_class = gr.Slider(1, MAX_IMAGES_PER_CLASS, value=1, step=1, label="Images per class")
+                with gr.Accordion("Guidance (recommended values are set per model)", open=True):
+                    omega = gr.Slider(
+                        MIN_GUIDANCE, MAX_GUIDANCE, step=0.1, label="Guidance scale ω (1 = off)",
+                        value=min(max(first.config.default_guidance_scale, MIN_GUIDANCE), MAX_GUIDANCE),
+                    )
+                    with gr.Row():
+                        t_min = gr.Slider(0.0, 1.0, value=first_lo, step=0.05, label="Guidance interval t_min")
+                        t_max = gr.Slider(0.0, 1.0, value=first_hi, step=0.05, label="Guidance interval t_max")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=3):
+                gallery = gr.Gallery(
+                    label="Samples", columns=4, height="auto", format="png", elem_id="gallery", interactive=False
+                )
+                timing = gr.Textbox(label="Time", interactive=False, elem_id="timing")
+                grid_file = gr.File(label="Grid (PNG)", interactive=False)
+
+        example_inputs = [classes_dd, seed, randomize]
+        first_official = is_imagenet(first)
+        toy_pipe = first
+        if first_official and BUNDLED in registry.sources:
+            try:
+                toy_pipe = registry.get(BUNDLED)
+            except Exception:  # noqa: BLE001 — no toy examples then
+                toy_pipe = None
+        # Examples only fill the inputs (not cached: nothing runs at startup, nothing burns ZeroGPU quota).
+        with gr.Column(visible=not first_official) as toy_examples:
+            if toy_pipe is not None and not is_imagenet(toy_pipe):
+                gr.Examples(toy_example_rows(toy_pipe), example_inputs, label="Examples (toy model)")
+        with gr.Column(visible=first_official) as official_examples:
+            gr.Examples(official_example_rows(), example_inputs, label="Examples (ImageNet classes, official sizes)")
+
+        generate_inputs = [classes_dd, seed, randomize, omega, t_min, t_max, steps, per_class, active_model]
+        button.click(
+            generate,
+            generate_inputs,
+            [gallery, grid_file, timing, seed],
+            api_name="generate",
+            preprocess=False,  # raw values reach `generate`, which enforces every limit itself
+            concurrency_limit=1,
+            concurrency_id="generate",
+        )
+        model_dd.input(
+            load_model,
+            [model_dd, active_model],
+            [status, active_model, model_dd, classes_dd, omega, t_min, t_max, toy_examples, official_examples],
+            api_name="load_model",
+            concurrency_limit=2,
+            concurrency_id="load_model",
+            trigger_mode="always_last",
+        )
+
+    demo.queue(default_concurrency_limit=1, max_size=32)
+    demo.pmf_registry = registry  # for tests and scripts
+    demo.pmf_stats = stats
+    return demo
+
+
+if __name__ == "__main__":
+    build_demo().launch(css=CSS)
