@@ -89,6 +89,20 @@ def make_pipeline(name: str, with_v_head: bool = True, **kwargs):
     return pipe
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module's tiny-model tests on one intra-op thread (restored afterwards).
+
+    The tiny reference models do ~1e5-FLOP matmuls; with several OpenMP threads on a loaded 2-core CI machine each call
+    spends milliseconds spin-waiting (measured: 1.5 s vs 0.02 s for a 2-step tinyA sample). The official oracles
+    were also produced with one thread.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     return REFERENCE_DIR

@@ -11,6 +11,8 @@ import torch
 
 from conftest import GENERATE_SETTINGS, NOISE_SCALE, load_reference, make_pipeline, max_rel_err, needs_reference
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 TOL = 1e-5
 
 

@@ -7,7 +7,7 @@ import torch
 
 from conftest import REFERENCE_DIR, converted, load_reference, max_rel_err, needs_reference
 
-pytestmark = needs_reference
+pytestmark = [needs_reference, pytest.mark.usefixtures("single_thread")]
 
 TOL = 1e-5
 

@@ -1,0 +1,820 @@
+# Copyright 2026 The pmf-diffusers developers. MIT License.
+"""Publish a `PMFPipeline` to the Hugging Face Hub: model card, sample grid and loader shim included.
+
+`push_pipeline_to_hub` stages a folder holding:
+
+- the pipeline in safetensors only (pickle weights are never uploaded) and `model_index.json`;
+- `README.md`, a model card rendered from the templates in `pmf_diffusers/model_cards/`;
+- `samples.png`, one-step samples with fixed seeds;
+- `pipeline_pmf.py`, a one-line shim that re-exports the installed `PMFPipeline`, so that
+  `DiffusionPipeline.from_pretrained(repo, custom_pipeline="pipeline_pmf", trust_remote_code=True)` works too.
+
+It then creates the repo (and the branch), and uploads the folder in one `upload_folder` call. `pmf push` is the
+command-line face of the same function (`add_push_arguments` / `run_push`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CARD_KINDS = ("official", "trained")
+TEMPLATE_DIR = Path(__file__).with_name("model_cards")
+SHIM_FILENAME = "pipeline_pmf.py"
+SHIM_SOURCE = (
+    "# Loader shim: lets diffusers' generic loader find PMFPipeline in the installed `pmf-diffusers` package\n"
+    "# (pip install pmf-diffusers). It re-exports the class and contains no model code:\n"
+    '#   DiffusionPipeline.from_pretrained("<repo>", custom_pipeline="pipeline_pmf", trust_remote_code=True)\n'
+    '# The plain way needs no flag: from pmf_diffusers import PMFPipeline; PMFPipeline.from_pretrained("<repo>")\n'
+    "from pmf_diffusers.pipelines.pipeline_pmf import PMFPipeline  # noqa\n"
+)
+SAMPLES_FILENAME = "samples.png"
+CARD_FILENAME = "README.md"
+# The eight ImageNet classes the official evaluation code samples first (pmf_spec.md §4).
+IMAGENET_SAMPLE_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
+SAMPLE_SEED = 0
+SAMPLE_TILE_MAX = 256  # sample tiles larger than this are downscaled so that samples.png stays small
+# Files copied from a pipeline folder; everything else (pickles above all) stays home.
+UPLOADED_SUFFIXES = (".json", ".safetensors")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+PIPELINE_COMPONENTS = {"transformer": "PMFTransformer2DModel", "scheduler": "PMFScheduler"}
+OFFICIAL_DATASET = "ILSVRC/imagenet-1k"
+BASE_TAGS = ["pmf", "meanflow", "one-step", "pixel-space", "class-conditional", "diffusers"]
+PIPELINE_TAG = "unconditional-image-generation"  # the Hub has no class-conditional task
+NOT_LOGGED_IN = "not logged in: run `hf auth login` or set HF_TOKEN"
+CITATION = """@article{lu2026pmf,
+  title   = {One-step Latent-free Image Generation with Pixel Mean Flows},
+  author  = {Lu and others},
+  journal = {arXiv preprint arXiv:2601.22158},
+  year    = {2026},
+  url     = {https://arxiv.org/abs/2601.22158}
+}"""
+
+_COMMON_FIELDS = {
+    "repo_id", "title", "description", "sample_grid", "sample_labels", "sample_seeds", "num_parameters",
+    "num_classes", "resolution", "patch_size", "example_class", "example_label", "guidance_scale",
+    "guidance_interval", "noise_scale", "steps", "tags",
+}
+_CARD_FIELDS = {
+    "official": _COMMON_FIELDS | {"preset"},
+    "trained": _COMMON_FIELDS
+    | {"dataset", "datasets", "training_steps", "recipe", "command", "base_model", "license", "license_name",
+       "license_link", "metrics"},
+}
+
+
+class HubPushError(ValueError):
+    """A push that cannot proceed; the message is one line that says why and what to do."""
+
+
+@dataclass
+class PushResult:
+    """What `push_pipeline_to_hub` uploaded (or, with `dry_run=True`, would upload)."""
+
+    repo_id: str
+    files: list[tuple[str, int]]  # (path in repo, size in bytes), sorted
+    card_kind: str
+    dry_run: bool
+    revision: str | None = None
+    create_pr: bool = False
+    preset: str | None = None
+    skipped: list[str] = field(default_factory=list)  # "path (reason)" for files of the folder left out
+    repo_url: str | None = None
+    commit_url: str | None = None
+    pr_url: str | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self.files)
+
+    def summary(self) -> str:
+        target = f"{self.repo_id} (branch {self.revision or 'main'}{', as a pull request' if self.create_pr else ''})"
+        head = "would upload" if self.dry_run else "uploaded"
+        lines = [f"{head} {len(self.files)} files, {_format_size(self.total_bytes)} to {target}:"]
+        width = max((len(path) for path, _ in self.files), default=0)
+        lines += [f"  {path:<{width}}  {_format_size(size):>10}" for path, size in self.files]
+        lines.append(f"model card: {self.card_kind}" + (f" ({self.preset})" if self.preset else ""))
+        lines += [f"not uploaded: {item}" for item in self.skipped]
+        if self.dry_run:
+            lines.append("dry run: nothing was sent to the Hub")
+        if self.pr_url:
+            lines.append(f"pull request: {self.pr_url}")
+        elif self.commit_url:
+            lines.append(f"commit: {self.commit_url}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+
+
+def _format_size(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _format_count(count: int) -> str:
+    if count >= 1e9:
+        return f"{count / 1e9:.2f}B ({count:,})"
+    if count >= 1e6:
+        return f"{count / 1e6:.1f}M ({count:,})"
+    return f"{count:,}"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def check_repo_id(repo_id: str) -> str:
+    """A Hub model repo id `namespace/name`, or a one-line `HubPushError`."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+        raise HubPushError(f"malformed repo id {repo_id!r}: use 'namespace/name', e.g. 'your-username/pmf-b16'")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise HubPushError(f"malformed repo id {repo_id!r}: {_first_line(error)}") from None
+    return repo_id
+
+
+def resolve_token(token: str | None = None) -> str:
+    """The explicit token, else huggingface_hub's usual sources (`HF_TOKEN`, the saved `hf auth login`, ...)."""
+    import huggingface_hub
+
+    if token is not None:
+        token = token.strip()
+        if not token:
+            raise HubPushError("the given token is empty: " + NOT_LOGGED_IN)
+        return token
+    try:
+        token = huggingface_hub.get_token()
+    except Exception as error:  # e.g. a failed OIDC exchange when HF_OIDC_RESOURCE is set
+        raise HubPushError(f"could not read the Hugging Face token: {_first_line(error)}") from None
+    if not token:
+        raise HubPushError(NOT_LOGGED_IN)
+    return token
+
+
+def read_token_file(path: str | Path) -> str:
+    """A token stored alone in a file (e.g. a mounted secret)."""
+    path = Path(path)
+    try:
+        token = path.read_text().strip()
+    except OSError as error:
+        raise HubPushError(f"cannot read the token file {path}: {error.strerror or _first_line(error)}") from None
+    if not token:
+        raise HubPushError(f"the token file {path} is empty")
+    return token
+
+
+def check_pipeline_folder(folder: str | Path) -> dict:
+    """Check that `folder` is a saved `PMFPipeline` (package format) with safetensors weights; returns its
+    `model_index.json`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise HubPushError(f"{folder} is not a folder")
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise HubPushError(
+            f"{folder} is not a PMFPipeline folder: no model_index.json (create one with pipe.save_pretrained(folder))"
+        )
+    try:
+        index = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise HubPushError(f"{index_path} is not valid JSON: {_first_line(error)}") from None
+    class_name = index.get("_class_name") if isinstance(index, dict) else None
+    if class_name != "PMFPipeline":
+        raise HubPushError(
+            f"{folder} is not a PMFPipeline folder: model_index.json has _class_name {class_name!r}, "
+            "expected 'PMFPipeline'"
+        )
+    for component, class_name in PIPELINE_COMPONENTS.items():
+        entry = index.get(component)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[1] == class_name):
+            raise HubPushError(
+                f"{folder} is not a PMFPipeline folder: model_index.json component {component!r} is {entry!r}, "
+                f"expected a {class_name}"
+            )
+        if not (folder / component).is_dir():
+            raise HubPushError(f"{folder} is not a complete PMFPipeline folder: the {component}/ subfolder is missing")
+    weights = list((folder / "transformer").glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in (folder / "transformer").iterdir() if p.suffix in PICKLE_SUFFIXES)
+        found = f" (found {', '.join(pickles)}: pickle weights are never uploaded)" if pickles else ""
+        raise HubPushError(
+            f"{folder}/transformer has no safetensors weights{found}; re-save with "
+            "pipe.save_pretrained(folder, safe_serialization=True)"
+        )
+    return index
+
+
+def _load_pipeline(pipeline_or_folder):
+    from .pipelines.pipeline_pmf import PMFPipeline
+
+    if isinstance(pipeline_or_folder, PMFPipeline):
+        return pipeline_or_folder, None
+    if not isinstance(pipeline_or_folder, (str, Path)):
+        raise HubPushError(
+            f"expected a PMFPipeline or the path of a saved one, got {type(pipeline_or_folder).__name__}"
+        )
+    folder = Path(pipeline_or_folder)
+    check_pipeline_folder(folder)
+    try:
+        pipeline = PMFPipeline.from_pretrained(folder, use_safetensors=True)
+    except Exception as error:
+        raise HubPushError(f"cannot load the PMFPipeline in {folder}: {_first_line(error)}") from None
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline, folder
+
+
+def _stage_pipeline(pipeline, folder: Path | None, stage: Path) -> list[str]:
+    """Write the pipeline into `stage`: copies a folder's JSON + safetensors files (byte for byte), or saves an
+    in-memory pipeline with safetensors. Returns the files left out, with the reason."""
+    skipped = []
+    if folder is None:
+        pipeline.save_pretrained(stage, safe_serialization=True)
+    else:
+        for path in sorted(folder.rglob("*")):
+            if not path.is_file():
+                continue
+            relative = path.relative_to(folder)
+            top = relative.parts[0]
+            if len(relative.parts) == 1 and relative.name == "model_index.json":
+                keep = True
+            elif top in PIPELINE_COMPONENTS and len(relative.parts) > 1:
+                keep = path.suffix in UPLOADED_SUFFIXES and not any(part.startswith(".") for part in relative.parts)
+            else:
+                keep = False
+            if keep:
+                target = stage / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+            elif path.suffix in PICKLE_SUFFIXES:
+                skipped.append(f"{relative.as_posix()} (pickle weights are never uploaded)")
+            elif relative.as_posix() in (CARD_FILENAME, SAMPLES_FILENAME, SHIM_FILENAME):
+                skipped.append(f"{relative.as_posix()} (regenerated)")
+            else:
+                skipped.append(f"{relative.as_posix()} (not part of the pipeline)")
+    for path in stage.rglob("*"):  # save_pretrained never writes pickles with safe_serialization; be certain
+        if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+            path.unlink()
+            skipped.append(f"{path.relative_to(stage).as_posix()} (pickle weights are never uploaded)")
+    if not list((stage / "transformer").glob("*.safetensors")):
+        raise HubPushError("the staged pipeline has no safetensors weights in transformer/")
+    return skipped
+
+
+def match_official_preset(pipeline):
+    """The released pMF size whose shapes and noise scale the pipeline has, or None."""
+    from .conversion import OFFICIAL_PRESETS
+
+    config = pipeline.transformer.config
+    shape = (
+        config.sample_size,
+        config.patch_size,
+        config.num_attention_heads * config.attention_head_dim,
+        config.num_layers,
+        config.num_classes,
+    )
+    for preset in OFFICIAL_PRESETS.values():
+        wanted = (preset.sample_size, preset.patch_size, preset.hidden_size, preset.num_layers, 1000)
+        if shape == wanted and math.isclose(pipeline.scheduler.config.noise_scale, preset.noise_scale):
+            return preset
+    return None
+
+
+def _resolve_preset(preset):
+    from .conversion import OfficialPreset, resolve_preset
+
+    if isinstance(preset, OfficialPreset):
+        return preset
+    try:
+        return resolve_preset(str(preset))
+    except ValueError as error:
+        raise HubPushError(_first_line(error)) from None
+
+
+def _class_name(id2label: dict, class_id: int) -> str | None:
+    name = id2label.get(class_id)
+    return name.split(",")[0].strip() if name else None
+
+
+def default_sample_classes(pipeline) -> list[int]:
+    num_classes = pipeline.transformer.config.num_classes
+    if num_classes >= 1000:
+        return list(IMAGENET_SAMPLE_CLASSES)
+    return list(range(min(num_classes, 8)))
+
+
+def render_sample_grid(pipeline, class_labels=None, seed: int = SAMPLE_SEED, columns: int = 4, max_tile: int = SAMPLE_TILE_MAX):
+    """One-step samples, image i seeded with `seed + i` (CPU generators, so the grid does not depend on the
+    device), tiled into one PIL image `columns` wide."""
+    import torch
+    from PIL import Image
+
+    labels = list(class_labels) if class_labels is not None else default_sample_classes(pipeline)
+    generators = [torch.Generator(device="cpu").manual_seed(seed + index) for index in range(len(labels))]
+    with torch.no_grad():
+        images = pipeline(class_labels=labels, num_inference_steps=1, generator=generators, output_type="pil").images
+    tile = images[0].size
+    if max(tile) > max_tile:
+        scale = max_tile / max(tile)
+        tile = (max(1, round(tile[0] * scale)), max(1, round(tile[1] * scale)))
+        images = [image.resize(tile, Image.Resampling.LANCZOS) for image in images]
+    columns = max(1, min(columns, len(images)))
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * tile[0], rows * tile[1]), "white")
+    for index, image in enumerate(images):
+        grid.paste(image.convert("RGB"), ((index % columns) * tile[0], (index // columns) * tile[1]))
+    return grid
+
+
+# ------------------------------------------------------------------------------------------------- model cards
+
+
+def _markdown_cell(value: Any) -> str:
+    if isinstance(value, float):
+        text = format(value, "g")
+    elif isinstance(value, (list, tuple)):
+        text = ", ".join(_markdown_cell(item) for item in value)
+    elif isinstance(value, bool) or value is None:
+        text = str(value).lower() if isinstance(value, bool) else "none"
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _flatten(mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    rows = []
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows += _flatten(value, prefix=f"{name}.")
+        else:
+            rows.append((name, value))
+    return rows
+
+
+def markdown_table(mapping: dict, header: tuple[str, str] = ("setting", "value")) -> str:
+    """A two-column Markdown table from a (possibly nested) dict; nested keys are joined with dots."""
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    lines += [f"| `{_markdown_cell(key)}` | {_markdown_cell(value)} |" for key, value in _flatten(mapping)]
+    return "\n".join(lines)
+
+
+def _as_list(value) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", text or ""))
+
+
+def render_model_card(kind: str, **info):
+    """Render the model card of a pMF pipeline as a `huggingface_hub.ModelCard`.
+
+    `kind="official"` (converted released weights; needs `preset`, e.g. `"pMF-B/16"`) or `"trained"` (your own
+    training run or fine-tune; needs `resolution` and `num_classes`, and takes `dataset`, `datasets` (Hub ids),
+    `training_steps`, `recipe` (dict, rendered as a table), `command`, `base_model`, `license` (default `"mit"`) and
+    `metrics` (dict of measured values)). Both take `repo_id` (required: it goes into the usage snippet) and,
+    optionally, `title`, `description`, `sample_grid` (file name of the grid image), `sample_labels`, `sample_seeds`,
+    `num_parameters`, `patch_size`, `example_class`, `example_label`, `guidance_scale`, `guidance_interval`,
+    `noise_scale`, `steps` and extra `tags`. `push_pipeline_to_hub` fills these from the pipeline.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    if kind not in CARD_KINDS:
+        raise HubPushError(f"unknown model-card kind {kind!r}: choose 'official' or 'trained'")
+    unknown = sorted(set(info) - _CARD_FIELDS[kind])
+    if unknown:
+        raise HubPushError(
+            f"unknown model-card field(s) for kind {kind!r}: {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(_CARD_FIELDS[kind]))})"
+        )
+    if not info.get("repo_id"):
+        raise HubPushError("render_model_card needs repo_id (it goes into the usage snippet)")
+    context = dict(info)
+    context.setdefault("steps", 1)
+    context.setdefault("citation", CITATION)
+    context.setdefault("sample_seeds", f"{SAMPLE_SEED}, {SAMPLE_SEED + 1}, …")
+    if context.get("sample_grid") is True:
+        context["sample_grid"] = SAMPLES_FILENAME
+    extra_tags = _as_list(context.pop("tags", None))
+
+    if kind == "official":
+        from .conversion import OFFICIAL_REPO_ID
+
+        if not context.get("preset"):
+            raise HubPushError("an official model card needs preset (one of pMF-B/16 … pMF-H/32)")
+        preset = _resolve_preset(context.pop("preset"))
+        context.setdefault("title", f"{preset.name}: pixel MeanFlow, ImageNet {preset.sample_size}×{preset.sample_size}, one step")
+        context.update(preset_name=preset.name, source_file=preset.filename, source_repo=OFFICIAL_REPO_ID, fid=preset.fid)
+        context["inception_score"] = preset.inception_score
+        context.setdefault("resolution", preset.sample_size)
+        context.setdefault("patch_size", preset.patch_size)
+        context.setdefault("num_classes", 1000)
+        context.setdefault("guidance_scale", preset.guidance_scale)
+        context.setdefault("guidance_interval", list(preset.guidance_interval))
+        context.setdefault("noise_scale", preset.noise_scale)
+        if context["resolution"] != preset.sample_size:
+            raise HubPushError(
+                f"resolution {context['resolution']} contradicts preset {preset.name} ({preset.sample_size})"
+            )
+        if "example_class" not in context:
+            from .pipelines.pipeline_pmf import load_imagenet_id2label
+
+            context["example_class"] = 207
+            context.setdefault("example_label", _class_name(load_imagenet_id2label(), 207))
+        stored = (float(context["guidance_scale"]), [float(v) for v in context["guidance_interval"]])
+        paper = (preset.guidance_scale, [float(v) for v in preset.guidance_interval])
+        notes = []
+        if stored != paper:
+            notes.append(
+                f"The paper's setting for {preset.name} is ω = {paper[0]:g}, interval [{paper[1][0]:g}, {paper[1][1]:g}] "
+                "(pass `guidance_scale=` / `guidance_interval=`)."
+            )
+        if preset.name == "pMF-B/16":
+            notes.append(
+                "The official PyTorch README evaluates B/16 with its CLI defaults ω = 7.5, interval [0.1, 0.8]; "
+                "the setting above is the JAX evaluation config behind the paper's FID."
+            )
+        context["settings_note"] = " ".join(notes)
+        card_data = ModelCardData(
+            library_name="diffusers",
+            pipeline_tag=PIPELINE_TAG,
+            license="mit",
+            datasets=[OFFICIAL_DATASET],
+            tags=BASE_TAGS + ["imagenet"] + [tag for tag in extra_tags if tag not in BASE_TAGS + ["imagenet"]],
+        )
+    else:
+        missing = [name for name in ("resolution", "num_classes") if context.get(name) is None]
+        if missing:
+            raise HubPushError(f"a trained-model card needs {' and '.join(missing)} (push_pipeline_to_hub fills them)")
+        license_id = str(context.pop("license", None) or "mit").strip()
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license_id):
+            raise HubPushError(f"license {license_id!r} is not a Hub license id (e.g. mit, apache-2.0, cc-by-4.0, other)")
+        if license_id == "other" and not context.get("license_name"):
+            raise HubPushError("license 'other' needs license_name (and license_link)")
+        base_model = context.get("base_model")
+        if base_model is not None and not _looks_like_repo_id(base_model):
+            raise HubPushError(f"base_model {base_model!r} is not a Hub repo id ('namespace/name')")
+        datasets = _as_list(context.pop("datasets", None))
+        if not datasets and _looks_like_repo_id(context.get("dataset") or ""):
+            datasets = [context["dataset"]]
+        if context.get("dataset") is None and datasets:
+            context["dataset"] = ", ".join(datasets)
+        context.setdefault("title", str(context["repo_id"]).split("/")[-1])
+        context.setdefault("example_class", 0)
+        context.setdefault("guidance_scale", 1.0)
+        context.setdefault("guidance_interval", [0.0, 1.0])
+        context.setdefault("noise_scale", 1.0)
+        context.setdefault("training_steps", None)
+        recipe = context.pop("recipe", None)
+        if recipe is not None and not isinstance(recipe, dict):
+            raise HubPushError(f"recipe must be a dict of settings, got {type(recipe).__name__}")
+        context["recipe_table"] = markdown_table(recipe) if recipe else ""
+        metrics = context.pop("metrics", None)
+        context["metrics_table"] = markdown_table(metrics, header=("metric", "value")) if metrics else ""
+        if license_id == "other":
+            link = context.get("license_link")
+            context["license_text"] = f"{context['license_name']}" + (f" ({link})" if link else "")
+        else:
+            context["license_text"] = f"`{license_id}`"
+            if base_model:
+                context["license_text"] += f"; check that it is compatible with the license of {base_model}"
+            context["license_text"] += "."
+        card_data = ModelCardData(
+            library_name="diffusers",
+            pipeline_tag=PIPELINE_TAG,
+            license=license_id,
+            license_name=context.get("license_name"),
+            license_link=context.get("license_link"),
+            datasets=datasets or None,
+            base_model=base_model,
+            tags=BASE_TAGS + [tag for tag in extra_tags if tag not in BASE_TAGS],
+        )
+        if base_model:
+            card_data.base_model_relation = "finetune"
+    for key in ("guidance_scale", "noise_scale"):
+        context[key] = format(float(context[key]), "g")
+    context["guidance_interval"] = [format(float(v), "g") for v in context["guidance_interval"]]
+    if isinstance(context.get("num_parameters"), int):
+        context["num_parameters"] = _format_count(context["num_parameters"])
+
+    template = TEMPLATE_DIR / f"{kind}.md"
+    if not template.is_file():
+        raise HubPushError(f"model-card template {template} is missing (broken install of pmf-diffusers)")
+    card = ModelCard.from_template(card_data, template_path=str(template), **context)
+    content = re.sub(r"\n{3,}", "\n\n", str(card)).rstrip() + "\n"
+    return ModelCard(content)
+
+
+def check_model_card(card) -> None:
+    """Offline check of a card's metadata (`ModelCard.validate()` needs the Hub): it parses, and the fields the
+    Hub uses for pMF repos are there."""
+    from huggingface_hub import ModelCard
+
+    try:
+        data = ModelCard(str(card)).data
+    except Exception as error:
+        raise HubPushError(f"the model card metadata does not parse: {_first_line(error)}") from None
+    if data.library_name != "diffusers":
+        raise HubPushError(f"the model card must say library_name: diffusers (found {data.library_name!r})")
+    if not data.pipeline_tag:
+        raise HubPushError("the model card has no pipeline_tag")
+    if not data.license:
+        raise HubPushError("the model card has no license")
+    if "pmf" not in (data.tags or []):
+        raise HubPushError("the model card is missing the 'pmf' tag")
+
+
+def _card_context(pipeline, repo_id: str, card_kind: str | None, card_info: dict | None):
+    """The card kind, the official preset (or None) and the `render_model_card` fields, filled from the pipeline."""
+    from .conversion import check_preset
+
+    info = dict(card_info or {})
+    preset = info.pop("preset", None)
+    preset = _resolve_preset(preset) if preset else None
+    matched = match_official_preset(pipeline)
+    training_keys = {"base_model", "recipe", "training_steps", "command", "dataset", "datasets", "metrics"}
+    if card_kind is None:
+        card_kind = "official" if (preset or matched) and not training_keys & set(info) else "trained"
+    if card_kind not in CARD_KINDS:
+        raise HubPushError(f"unknown card kind {card_kind!r}: choose 'official' or 'trained'")
+    if card_kind == "official":
+        preset = preset or matched
+        if preset is None:
+            raise HubPushError(
+                "card kind 'official' needs a released size: the pipeline matches none of pMF-B/16 … pMF-H/32; "
+                "pass card_info={'preset': 'pMF-B/16'} or use card kind 'trained'"
+            )
+        config = dict(pipeline.transformer.config)
+        try:
+            check_preset(config, preset)
+        except ValueError as error:
+            raise HubPushError(_first_line(error).split(". Pick")[0]) from None
+    else:
+        preset = None
+
+    transformer, id2label = pipeline.transformer, pipeline.id2label
+    fields = {
+        "repo_id": repo_id,
+        "resolution": transformer.config.sample_size,
+        "patch_size": transformer.config.patch_size,
+        "num_classes": transformer.config.num_classes,
+        "num_parameters": sum(p.numel() for p in transformer.parameters()),
+        "guidance_scale": pipeline.config.default_guidance_scale,
+        "guidance_interval": list(pipeline.config.default_guidance_interval),
+        "noise_scale": pipeline.scheduler.config.noise_scale,
+    }
+    example_class = 207 if transformer.config.num_classes >= 1000 else 0
+    fields["example_class"] = example_class
+    fields["example_label"] = _class_name(id2label, example_class)
+    if preset is not None:
+        fields["preset"] = preset
+    fields.update(info)  # explicit card_info wins
+    return card_kind, preset, fields
+
+
+def _sample_labels_text(pipeline, labels: list[int]) -> str:
+    return ", ".join(
+        f"{name} ({label})" if (name := _class_name(pipeline.id2label, label)) else str(label) for label in labels
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- push
+
+
+def push_pipeline_to_hub(
+    pipeline_or_folder,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    card_kind: str | None = None,
+    card_info: dict | None = None,
+    sample_grid: bool = True,
+    dry_run: bool = False,
+    endpoint: str | None = None,
+    staging_dir: str | Path | None = None,
+) -> PushResult:
+    """Publish a `PMFPipeline` (object or saved folder) to the Hub repo `repo_id`.
+
+    Args:
+        pipeline_or_folder: A `PMFPipeline`, or the folder `save_pretrained` wrote.
+        repo_id: `namespace/name`.
+        private: Create the repo private (ignored when the repo exists; `None` follows the namespace default).
+        token: A Hub token; by default huggingface_hub's usual sources (`HF_TOKEN`, `hf auth login`). Never
+            printed or written anywhere.
+        revision: Branch to push to; created from `main` when it does not exist.
+        create_pr: Open a pull request against `main` instead of committing to it.
+        commit_message: Defaults to a message naming the card kind and the package version.
+        card_kind: `"official"` (converted released weights), `"trained"`, or `None` to decide: official when the
+            pipeline has the shapes and noise scale of a released size and `card_info` holds no training fields.
+        card_info: Extra `render_model_card` fields (`preset`, `dataset`, `training_steps`, `recipe`, `command`,
+            `base_model`, `license`, `metrics`, `title`, `description`, ...).
+        sample_grid: Render `samples.png` (one step, fixed seeds) and show it in the card.
+        dry_run: Stage everything and report the files, but send nothing (no token needed).
+        endpoint: Hub endpoint (defaults to `HF_ENDPOINT` / https://huggingface.co).
+        staging_dir: Stage into this (new or empty) folder and keep it, e.g. to inspect a dry run.
+
+    Returns:
+        A `PushResult` listing the files (and, after a real push, the repo, commit and pull-request URLs).
+    """
+    import huggingface_hub
+    from huggingface_hub import HfApi
+
+    from . import __version__
+
+    repo_id = check_repo_id(repo_id)
+    if card_kind is not None and card_kind not in CARD_KINDS:
+        raise HubPushError(f"unknown card kind {card_kind!r}: choose 'official' or 'trained'")
+    if revision is not None and (not revision.strip() or any(ch.isspace() for ch in revision)):
+        raise HubPushError(f"invalid revision {revision!r}")
+    if create_pr and revision not in (None, "main"):
+        raise HubPushError("a pull request is opened against main: drop the revision, or push to the branch without create_pr")
+    if not dry_run:
+        if huggingface_hub.constants.is_offline_mode():
+            raise HubPushError("offline mode is on (HF_HUB_OFFLINE=1): unset it to push, or use a dry run")
+        token = resolve_token(token)
+
+    pipeline, folder = _load_pipeline(pipeline_or_folder)
+    kind, preset, fields = _card_context(pipeline, repo_id, card_kind, card_info)
+
+    if staging_dir is not None:
+        staging_dir = Path(staging_dir)
+        if staging_dir.exists() and any(staging_dir.iterdir()):
+            raise HubPushError(f"staging folder {staging_dir} is not empty")
+        staging_dir.mkdir(parents=True, exist_ok=True)
+    commit_message = commit_message or f"Upload pMF pipeline ({kind}) with pmf-diffusers {__version__}"
+    with contextlib.ExitStack() as stack:
+        stage = staging_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pmf-push-")))
+        return _stage_and_push(
+            pipeline, folder, stage, repo_id, kind, preset, fields, sample_grid, dry_run, token, private, revision,
+            create_pr, commit_message, endpoint, HfApi,
+        )
+
+
+def _stage_and_push(
+    pipeline, folder, stage, repo_id, kind, preset, fields, sample_grid, dry_run, token, private, revision, create_pr,
+    commit_message, endpoint, api_class,
+) -> PushResult:
+    skipped = _stage_pipeline(pipeline, folder, stage)
+    if sample_grid:
+        labels = default_sample_classes(pipeline)
+        render_sample_grid(pipeline, labels).save(stage / SAMPLES_FILENAME)
+        fields.setdefault("sample_grid", SAMPLES_FILENAME)
+        fields.setdefault("sample_labels", _sample_labels_text(pipeline, labels))
+        fields.setdefault("sample_seeds", f"{SAMPLE_SEED}…{SAMPLE_SEED + len(labels) - 1} (image i uses seed {SAMPLE_SEED} + i)")
+    card = render_model_card(kind, **fields)
+    check_model_card(card)
+    card.save(stage / CARD_FILENAME)
+    (stage / SHIM_FILENAME).write_text(SHIM_SOURCE)
+
+    files = sorted((p.relative_to(stage).as_posix(), p.stat().st_size) for p in stage.rglob("*") if p.is_file())
+    if token:
+        needle = token.encode()
+        for path, _ in files:
+            if needle in (stage / path).read_bytes():
+                raise HubPushError(f"refusing to upload: the access token appears in {path}")
+    result = PushResult(
+        repo_id=repo_id, files=files, card_kind=kind, dry_run=dry_run, revision=revision, create_pr=create_pr,
+        preset=preset.name if preset else None, skipped=skipped,
+    )
+    if dry_run:
+        return result
+
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = api_class(endpoint=endpoint, token=token)
+    try:
+        result.repo_url = str(api.create_repo(repo_id, private=private, exist_ok=True))
+        if revision is not None and revision != "main" and not revision.startswith("refs/"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=stage, revision=revision, create_pr=create_pr, commit_message=commit_message
+        )
+    except HfHubHTTPError as error:
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        hint = " (is the token valid and allowed to write there? check `hf auth whoami`)" if status in (401, 403) else ""
+        raise HubPushError(f"the Hub refused the push to {repo_id}: {_first_line(error)}{hint}") from error
+    except (OSError, RuntimeError) as error:
+        raise HubPushError(f"the push to {repo_id} failed: {type(error).__name__}: {_first_line(error)}") from error
+    except Exception as error:
+        if type(error).__module__.split(".")[0] not in ("httpx", "httpx2", "huggingface_hub"):
+            raise
+        raise HubPushError(f"the push to {repo_id} failed: {type(error).__name__}: {_first_line(error)}") from error
+    result.commit_url = commit.commit_url
+    result.pr_url = commit.pr_url
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def add_push_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the `pmf push` arguments to a (sub)parser."""
+    parser.add_argument("folder", help="a saved PMFPipeline folder (pipe.save_pretrained / pmf convert output)")
+    parser.add_argument("repo_id", help="Hub repo id, namespace/name")
+    parser.add_argument(
+        "--private", action="store_const", const=True, default=None,
+        help="create the repo private (ignored when it exists)",
+    )
+    parser.add_argument("--revision", default=None, metavar="BRANCH", help="branch to push to (created from main if missing)")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request against main instead of committing")
+    parser.add_argument("--commit-message", default=None, metavar="MESSAGE")
+    parser.add_argument(
+        "--card-kind", choices=CARD_KINDS, default=None,
+        help="model card: 'official' (converted released weights) or 'trained'; default: decided from the pipeline",
+    )
+    parser.add_argument(
+        "--card-info", default=None, metavar="JSON_FILE",
+        help="JSON object of model-card fields: preset, dataset, training_steps, recipe, command, base_model, "
+        "license, metrics, title, description",
+    )
+    parser.add_argument("--base-model", default=None, metavar="REPO_ID", help="Hub id of the model this was fine-tuned from")
+    parser.add_argument("--license", default=None, help="license id of trained weights (default mit)")
+    parser.add_argument("--no-samples", action="store_true", help="do not render samples.png")
+    parser.add_argument("--dry-run", action="store_true", help="list the files that would be uploaded; send nothing")
+    parser.add_argument("--staging-dir", default=None, metavar="DIR", help="stage into DIR and keep it (inspect a dry run)")
+    parser.add_argument(
+        "--token-file", default=None, metavar="PATH",
+        help="read the Hub token from this file (default: HF_TOKEN or the `hf auth login` token)",
+    )
+    return parser
+
+
+def _load_card_info(args) -> dict:
+    info: dict = {}
+    if getattr(args, "card_info", None):
+        path = Path(args.card_info)
+        try:
+            info = json.loads(path.read_text())
+        except OSError as error:
+            raise HubPushError(f"cannot read --card-info {path}: {error.strerror or _first_line(error)}") from None
+        except json.JSONDecodeError as error:
+            raise HubPushError(f"--card-info {path} is not valid JSON: {_first_line(error)}") from None
+        if not isinstance(info, dict):
+            raise HubPushError(f"--card-info {path} must hold a JSON object")
+    if getattr(args, "base_model", None):
+        info["base_model"] = args.base_model
+    if getattr(args, "license", None):
+        info["license"] = args.license
+    return info
+
+
+def run_push(args: argparse.Namespace) -> int:
+    """`pmf push`: returns the exit status (0 pushed / dry run done, 1 refused). With `args.debug`, errors raise."""
+    try:
+        token = read_token_file(args.token_file) if getattr(args, "token_file", None) else None
+        result = push_pipeline_to_hub(
+            args.folder,
+            args.repo_id,
+            private=args.private,
+            token=token,
+            revision=args.revision,
+            create_pr=args.create_pr,
+            commit_message=args.commit_message,
+            card_kind=args.card_kind,
+            card_info=_load_card_info(args),
+            sample_grid=not args.no_samples,
+            dry_run=args.dry_run,
+            staging_dir=getattr(args, "staging_dir", None),
+        )
+    except HubPushError as error:
+        if getattr(args, "debug", False):
+            raise
+        print(f"pmf push: error: {error}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pmf_diffusers.hub FOLDER REPO_ID ...` (the same as `pmf push`)."""
+    parser = add_push_arguments(argparse.ArgumentParser(prog="pmf push", description="Publish a PMFPipeline to the Hub."))
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return run_push(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
