@@ -270,9 +270,14 @@ def validate_request(seed, randomize_seed, guidance_scale, guidance_min, guidanc
     return seed, guidance_scale, (guidance_min, guidance_max), num_steps, images_per_class
 
 
+_REGISTRIES: dict[int, ModelRegistry] = {}  # module level: a ZeroGPU worker (a fork) finds the loaded pipelines here
+
+
 @GPU(duration=30)
-def run_pipeline(pipe: PMFPipeline, labels, seeds, num_steps, guidance_scale, guidance_interval):
-    """The only GPU work (decorated with `@spaces.GPU` on ZeroGPU); returns (images, seconds)."""
+def run_pipeline(registry_id: int, model: str, labels, seeds, num_steps, guidance_scale, guidance_interval):
+    """The only GPU work (`@spaces.GPU` on ZeroGPU). Takes plain, picklable arguments — ZeroGPU ships them to its
+    worker — and returns (PIL images, seconds)."""
+    pipe = _REGISTRIES[registry_id].get(model)
     device = pipe.device
     generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
     if device.type == "cuda":
@@ -315,6 +320,7 @@ def build_demo(
     if default_model not in registry.sources:
         raise ValueError(f"default_model {default_model!r} is not one of {list(registry.sources)}.")
     first = registry.get(default_model)
+    _REGISTRIES[id(registry)] = registry
     stats = {"generate_calls": 0, "images": 0}
     grid_dir = Path(tempfile.mkdtemp(prefix="pmf_space_"))
     is_imagenet = lambda pipe: pipe.num_classes == 1000 and bool(pipe.id2label)  # noqa: E731
@@ -347,12 +353,12 @@ def build_demo(
         try:
             pipe = registry.get(model)
         except Exception as error:  # noqa: BLE001 — show the reason instead of a generic failure
-            raise gr.Error(f"Could not load {model}: {error}") from None
+            raise GenerateRequestError(f"Could not load {model}: {type(error).__name__}: {error}") from None
         ids = parse_classes(classes, pipe, model)
         labels = [class_id for class_id in ids for _ in range(per_class)]
         seeds = [seed + index for index in range(len(labels))]
         try:
-            images, seconds = run_pipeline(pipe, labels, seeds, num_steps, omega, interval)
+            images, seconds = run_pipeline(id(registry), model, labels, seeds, num_steps, omega, interval)
         except Exception as error:  # noqa: BLE001
             raise gr.Error(f"Generation failed: {type(error).__name__}: {error}") from None
         stats["images"] += len(images)
@@ -374,14 +380,15 @@ def build_demo(
 
         def failed(message: str):
             gr.Warning(message)
-            return (f"❌ {message}\n\nStill using **{active}**.", active, gr.update(value=active), *unchanged)
+            return (f"**Failed:** {message}\n\nStill using **{active}**.", active, gr.update(value=active), *unchanged)
 
         if not isinstance(name, str) or name not in registry.sources:
-            yield failed(f"Unknown model {name!r}; choose one of: {', '.join(registry.sources)}.")
-            return
+            raise GenerateRequestError(f"Unknown model {name!r}; choose one of: {', '.join(registry.sources)}.")
+        if not isinstance(active, str) or active not in registry.sources:
+            active = default_model
         if not registry.is_loaded(name):
             yield (
-                f"⏳ Loading **{name}** … (the first use of an official size downloads and converts it; "
+                f"**Loading {name}** … (the first use of an official size downloads and converts it; "
                 f"you can keep generating with **{active}** meanwhile)",
                 active,
                 gr.update(),
@@ -396,7 +403,7 @@ def build_demo(
         official = is_imagenet(pipe)
         lo, hi = pipe.config.default_guidance_interval
         yield (
-            f"✅ {model_facts(name, pipe)} (ready in {time.perf_counter() - start:.1f} s)",
+            f"**Ready:** {model_facts(name, pipe)} (loaded in {time.perf_counter() - start:.1f} s)",
             name,
             gr.update(value=name),
             gr.update(choices=class_choices(pipe), value=default_classes(pipe)),
@@ -423,8 +430,10 @@ def build_demo(
                     value=default_model,
                     label="Model",
                     interactive=True,
+                    filterable=True,
+                    elem_id="model",
                 )
-                status = gr.Markdown(f"✅ {model_facts(default_model, first)}")
+                status = gr.Markdown(f"**Ready:** {model_facts(default_model, first)}", elem_id="model-status")
                 active_model = gr.Textbox(value=default_model, visible=False, label="Active model")
                 classes_dd = gr.Dropdown(
                     choices=class_choices(first),
@@ -488,6 +497,7 @@ def build_demo(
             [model_dd, active_model],
             [status, active_model, model_dd, classes_dd, omega, t_min, t_max, toy_examples, official_examples],
             api_name="load_model",
+            preprocess=False,  # an unknown model name gets our message, not the dropdown's
             concurrency_limit=2,
             concurrency_id="load_model",
             trigger_mode="always_last",

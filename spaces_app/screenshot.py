@@ -60,10 +60,13 @@ JS_GALLERY_STATE = """(() => {
   const imgs = Array.from(g.querySelectorAll('img'));
   const loaded = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
   const t = document.querySelector('#timing textarea, #timing input');
-  const err = Array.from(document.querySelectorAll('.toast-body, .error'))
-      .map(e => e.innerText).filter(s => s && s.trim()).join(' | ');
+  const err = Array.from(document.querySelectorAll('.toast-body.error .toast-messages'))
+      .map(e => e.innerText.trim()).filter(s => s).join(' | ');
   return JSON.stringify({images: imgs.length, loaded, timing: t ? t.value : '', error: err});
 })()"""
+JS_TOASTS = """JSON.stringify(Array.from(document.querySelectorAll('.toast-body')).map(b => ({
+  kind: ['error', 'warning', 'info', 'success'].find(k => b.classList.contains(k)) || '',
+  text: (b.querySelector('.toast-messages') || b).innerText.trim()})))"""
 JS_GALLERY_RECT = """(() => {
   window.scrollTo(0, 0);
   const r = document.querySelector('#gallery').getBoundingClientRect();
@@ -181,14 +184,6 @@ class DevToolsPipe:
         shutil.rmtree(self._profile, ignore_errors=True)
 
 
-def _evaluate(cdp: DevToolsPipe, session: str, expression: str):
-    result = cdp.send("Runtime.evaluate", {"expression": expression, "returnByValue": True}, session)
-    if "exceptionDetails" in result:
-        raise RuntimeError(f"Page script failed: {result['exceptionDetails']}")
-    value = result.get("result", {}).get("value")
-    return json.loads(value) if isinstance(value, str) else value
-
-
 def _wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
     deadline = time.monotonic() + timeout
     last = None
@@ -198,6 +193,118 @@ def _wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
             return last
         time.sleep(interval)
     raise TimeoutError(f"Timed out after {timeout:.0f} s waiting for {what} (last state: {last!r}).")
+
+
+class BrowserPage:
+    """One headless-Chromium tab driven over CDP: `with BrowserPage(url) as page: page.click("#generate")`."""
+
+    def __init__(self, url: str, width: int = 1280, height: int = 1100, timeout: float = 60.0,
+                 executable: str | None = None):
+        executable = executable or find_chromium()
+        if not executable:
+            raise FileNotFoundError("No Chromium found: install it (`apt-get install -y chromium`) or set $CHROMIUM.")
+        self.width, self.height, self.timeout = width, height, timeout
+        self.cdp = DevToolsPipe(executable, width, height)
+        try:
+            target = self.cdp.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+            self.session = self.cdp.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+            self.send("Page.enable")
+            self.send("Runtime.enable")
+            self.set_viewport(height)
+            self.send("Page.navigate", {"url": url})
+            # The Svelte app is up once the Generate button is rendered and enabled.
+            self.wait_for(lambda: self.evaluate(JS_BUTTON_RECT), "the Generate button")
+        except BaseException:
+            self.cdp.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.cdp.close()
+
+    def send(self, method: str, params: dict | None = None):
+        return self.cdp.send(method, params, self.session)
+
+    def set_viewport(self, height: int):
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": self.width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+        )
+
+    def evaluate(self, expression: str):
+        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True})
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"Page script failed: {result['exceptionDetails']}")
+        value = result.get("result", {}).get("value")
+        return json.loads(value) if isinstance(value, str) else value
+
+    def wait_for(self, predicate, what: str, timeout: float | None = None):
+        return _wait_for(predicate, self.timeout if timeout is None else timeout, what)
+
+    def click_generate(self):
+        """A real left click (mouse move, press, release) at the centre of the Generate button."""
+        center = self.wait_for(lambda: self.evaluate(JS_BUTTON_RECT), "the Generate button")
+        self.send("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": center["x"], "y": center["y"]})
+        for kind in ("mousePressed", "mouseReleased"):
+            self.send(
+                "Input.dispatchMouseEvent",
+                {"type": kind, "x": center["x"], "y": center["y"], "button": "left", "clickCount": 1},
+            )
+
+    def type_class(self, text: str):
+        """Type a custom value into the class search box and press Enter (adds it to the selection)."""
+        tokens = "JSON.stringify(Array.from(document.querySelectorAll('#classes .token')).map(e => e.innerText.trim()))"
+        self._type_and_enter("#classes input", text)
+        self.wait_for(lambda: text in self.evaluate(tokens), f"{text!r} among the selected classes", timeout=10)
+
+    def _type_and_enter(self, selector: str, text: str):
+        focused = self.evaluate(
+            f"(() => {{ const i = document.querySelector({json.dumps(selector)}); if (!i) return false; "
+            "i.focus(); i.select(); return document.activeElement === i; })()"
+        )
+        if not focused:
+            raise RuntimeError(f"Cannot focus {selector} on the page.")
+        self.send("Input.insertText", {"text": text})  # replaces the selected text, like typing
+        self.wait_for(lambda: self.text_of(selector) == text, f"{text!r} typed into {selector}", timeout=10)
+        time.sleep(0.2)  # let the dropdown filter its options
+        for kind in ("keyDown", "keyUp"):
+            self.send(
+                "Input.dispatchKeyEvent",
+                {"type": kind, "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13, "text": "\r"},
+            )
+
+    def select_model(self, text: str):
+        """Type into the model selector and press Enter: picks the first model whose label matches `text`."""
+        self._type_and_enter("#model input", text)
+
+    def text_of(self, selector: str) -> str:
+        return self.evaluate(
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)}); "
+            "return e ? JSON.stringify(e.value !== undefined ? e.value : e.innerText) : null; })()"
+        )
+
+    def toasts(self) -> list[dict]:
+        """The notifications on screen: [{"kind": "error" | "warning" | …, "text": message}]."""
+        return self.evaluate(JS_TOASTS)
+
+    def gallery_state(self) -> dict:
+        return self.evaluate(JS_GALLERY_STATE)
+
+    def screenshot(self, out_path: str | Path) -> dict:
+        """Save a PNG of the whole page; returns the gallery's box in screenshot pixels."""
+        rect = self.evaluate(JS_GALLERY_RECT)
+        page_height = max(self.height, min(int(rect["pageHeight"]), 4000))
+        if page_height != self.height:  # capture the whole page, not only the first screen
+            self.set_viewport(page_height)
+            time.sleep(0.3)
+            rect = self.evaluate(JS_GALLERY_RECT)
+        shot = self.send("Page.captureScreenshot", {"format": "png"})
+        out_path = Path(out_path)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_bytes(base64.b64decode(shot["data"]))
+        return {key: round(rect[key]) for key in ("x", "y", "width", "height")}
 
 
 def capture_generate(
@@ -210,67 +317,27 @@ def capture_generate(
     executable: str | None = None,
 ) -> dict:
     """Open `url`, click the Generate button (a real mouse click), wait until the gallery shows at least
-    `expected_images` loaded images, and save a PNG screenshot of the page to `out_path`.
+    `expected_images` loaded images and the time per image, and save a PNG screenshot of the page to `out_path`.
 
     Returns `{"gallery": {x, y, width, height} in screenshot pixels, "images": n, "timing": text, "seconds": s}`.
     """
-    executable = executable or find_chromium()
-    if not executable:
-        raise FileNotFoundError("No Chromium found: install it (`apt-get install -y chromium`) or set $CHROMIUM.")
     start = time.monotonic()
-    cdp = DevToolsPipe(executable, width, height)
-    try:
-        target = cdp.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = cdp.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        cdp.send("Page.enable", session_id=session)
-        cdp.send("Runtime.enable", session_id=session)
-        cdp.send(
-            "Emulation.setDeviceMetricsOverride",
-            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
-            session,
-        )
-        cdp.send("Page.navigate", {"url": url}, session)
-        center = _wait_for(lambda: _evaluate(cdp, session, JS_BUTTON_RECT), timeout, "the Generate button")
-        before = _evaluate(cdp, session, JS_GALLERY_STATE)
-        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
-            event = {"type": kind, "x": center["x"], "y": center["y"], "button": "left", "clickCount": 1}
-            if kind == "mouseMoved":
-                event.pop("clickCount")
-                event["button"] = "none"
-            cdp.send("Input.dispatchMouseEvent", event, session)
+    with BrowserPage(url, width, height, timeout, executable) as page:
+        before = page.gallery_state()
+        page.click_generate()
 
         def gallery_ready():
-            state = _evaluate(cdp, session, JS_GALLERY_STATE)
+            state = page.gallery_state()
             if state.get("error"):
                 raise RuntimeError(f"The page shows an error: {state['error']}")
             ready = state["loaded"] >= max(expected_images, before["loaded"] + 1) and state["timing"]
             return state if ready else None
 
-        state = _wait_for(gallery_ready, timeout, f"{expected_images} image(s) in the gallery")
+        state = page.wait_for(gallery_ready, f"{expected_images} image(s) in the gallery")
         time.sleep(0.3)  # let the last thumbnails paint
-        rect = _evaluate(cdp, session, JS_GALLERY_RECT)
-        page_height = max(height, min(int(rect["pageHeight"]), 4000))
-        if page_height != height:  # capture the whole page, not only the first screen
-            cdp.send(
-                "Emulation.setDeviceMetricsOverride",
-                {"width": width, "height": page_height, "deviceScaleFactor": 1, "mobile": False},
-                session,
-            )
-            time.sleep(0.3)
-            rect = _evaluate(cdp, session, JS_GALLERY_RECT)
-        shot = cdp.send("Page.captureScreenshot", {"format": "png"}, session)
-        out_path = Path(out_path)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_bytes(base64.b64decode(shot["data"]))
-        gallery = {key: round(rect[key]) for key in ("x", "y", "width", "height")}
-        return {
-            "gallery": gallery,
-            "images": state["loaded"],
-            "timing": state["timing"],
-            "seconds": time.monotonic() - start,
-        }
-    finally:
-        cdp.close()
+        gallery = page.screenshot(out_path)
+    return {"gallery": gallery, "images": state["loaded"], "timing": state["timing"],
+            "seconds": time.monotonic() - start}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -39,7 +40,8 @@ SHIM_SOURCE = (
 )
 SAMPLES_FILENAME = "samples.png"
 CARD_FILENAME = "README.md"
-# The eight ImageNet classes the official evaluation code samples first (pmf_spec.md §4).
+# The classes and seeds (0..7, one CPU generator per image) of the official torch `evaluate.py` sample mode
+# (pmf_spec.md §4).
 IMAGENET_SAMPLE_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
 SAMPLE_SEED = 0
 SAMPLE_TILE_MAX = 256  # sample tiles larger than this are downscaled so that samples.png stays small
@@ -53,7 +55,7 @@ PIPELINE_TAG = "unconditional-image-generation"  # the Hub has no class-conditio
 NOT_LOGGED_IN = "not logged in: run `hf auth login` or set HF_TOKEN"
 CITATION = """@article{lu2026pmf,
   title   = {One-step Latent-free Image Generation with Pixel Mean Flows},
-  author  = {Lu and others},
+  author  = {Lu and Lu and Sun and Zhao and Jiang and Wang and Li and Geng and He},
   journal = {arXiv preprint arXiv:2601.22158},
   year    = {2026},
   url     = {https://arxiv.org/abs/2601.22158}
@@ -233,10 +235,17 @@ def _load_pipeline(pipeline_or_folder):
         )
     folder = Path(pipeline_or_folder)
     check_pipeline_folder(folder)
+    from diffusers.utils import logging as diffusers_logging
+
+    bar_was_enabled = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" is noise here
     try:
         pipeline = PMFPipeline.from_pretrained(folder, use_safetensors=True)
     except Exception as error:
         raise HubPushError(f"cannot load the PMFPipeline in {folder}: {_first_line(error)}") from None
+    finally:
+        if bar_was_enabled:
+            diffusers_logging.enable_progress_bar()
     pipeline.set_progress_bar_config(disable=True)
     return pipeline, folder
 
@@ -244,7 +253,7 @@ def _load_pipeline(pipeline_or_folder):
 def _stage_pipeline(pipeline, folder: Path | None, stage: Path) -> list[str]:
     """Write the pipeline into `stage`: copies a folder's JSON + safetensors files (byte for byte), or saves an
     in-memory pipeline with safetensors. Returns the files left out, with the reason."""
-    skipped = []
+    skipped, skipped_dirs = [], set()
     if folder is None:
         pipeline.save_pretrained(stage, safe_serialization=True)
     else:
@@ -267,6 +276,10 @@ def _stage_pipeline(pipeline, folder: Path | None, stage: Path) -> list[str]:
                 skipped.append(f"{relative.as_posix()} (pickle weights are never uploaded)")
             elif relative.as_posix() in (CARD_FILENAME, SAMPLES_FILENAME, SHIM_FILENAME):
                 skipped.append(f"{relative.as_posix()} (regenerated)")
+            elif len(relative.parts) > 1 and top not in PIPELINE_COMPONENTS:
+                if top not in skipped_dirs:
+                    skipped_dirs.add(top)
+                    skipped.append(f"{top}/ (not part of the pipeline)")
             else:
                 skipped.append(f"{relative.as_posix()} (not part of the pipeline)")
     for path in stage.rglob("*"):  # save_pretrained never writes pickles with safe_serialization; be certain
@@ -552,7 +565,7 @@ def _card_context(pipeline, repo_id: str, card_kind: str | None, card_info: dict
     preset = info.pop("preset", None)
     preset = _resolve_preset(preset) if preset else None
     matched = match_official_preset(pipeline)
-    training_keys = {"base_model", "recipe", "training_steps", "command", "dataset", "datasets", "metrics"}
+    training_keys = {"base_model", "recipe", "training_steps", "command", "dataset", "datasets", "metrics", "license"}
     if card_kind is None:
         card_kind = "official" if (preset or matched) and not training_keys & set(info) else "trained"
     if card_kind not in CARD_KINDS:
@@ -568,7 +581,8 @@ def _card_context(pipeline, repo_id: str, card_kind: str | None, card_info: dict
         try:
             check_preset(config, preset)
         except ValueError as error:
-            raise HubPushError(_first_line(error).split(". Pick")[0]) from None
+            details = _first_line(error).split(". Pick")[0].replace("The checkpoint contradicts", "the pipeline contradicts")
+            raise HubPushError(details) from None
     else:
         preset = None
 
@@ -634,7 +648,7 @@ def push_pipeline_to_hub(
             `base_model`, `license`, `metrics`, `title`, `description`, ...).
         sample_grid: Render `samples.png` (one step, fixed seeds) and show it in the card.
         dry_run: Stage everything and report the files, but send nothing (no token needed).
-        endpoint: Hub endpoint (defaults to `HF_ENDPOINT` / https://huggingface.co).
+        endpoint: Hub endpoint; defaults to `HF_ENDPOINT` (read at call time), else https://huggingface.co.
         staging_dir: Stage into this (new or empty) folder and keep it, e.g. to inspect a dry run.
 
     Returns:
@@ -652,6 +666,8 @@ def push_pipeline_to_hub(
         raise HubPushError(f"invalid revision {revision!r}")
     if create_pr and revision not in (None, "main"):
         raise HubPushError("a pull request is opened against main: drop the revision, or push to the branch without create_pr")
+    if endpoint is None:  # HF_ENDPOINT as it is now (huggingface_hub's own constant froze it at import time)
+        endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or None
     if not dry_run:
         if huggingface_hub.constants.is_offline_mode():
             raise HubPushError("offline mode is on (HF_HUB_OFFLINE=1): unset it to push, or use a dry run")

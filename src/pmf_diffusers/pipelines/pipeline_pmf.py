@@ -14,6 +14,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..lora import PMFLoraLoaderMixin
 from ..models.transformer_pmf import PMFTransformer2DModel
 from ..schedulers.scheduling_pmf import PMFScheduler
 
@@ -26,7 +27,7 @@ def load_imagenet_id2label() -> dict[int, str]:
     return {int(key): value for key, value in json.loads(IMAGENET_ID2LABEL_FILE.read_text()).items()}
 
 
-class PMFPipeline(DiffusionPipeline):
+class PMFPipeline(DiffusionPipeline, PMFLoraLoaderMixin):
     r"""
     One-step (or few-step) class-conditional image generation with pixel MeanFlow (Lu et al., arXiv 2601.22158).
 
@@ -57,20 +58,28 @@ class PMFPipeline(DiffusionPipeline):
     ):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler)
-        # JSON turns int keys into strings; normalise back.
-        id2label = {int(key): value for key, value in id2label.items()} if id2label else None
         self.register_to_config(
-            id2label=id2label,
             default_guidance_scale=float(default_guidance_scale),
             default_guidance_interval=[float(value) for value in default_guidance_interval],
         )
+        self.set_id2label(id2label)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_normalize=True)
+
+    def set_id2label(self, id2label: dict[int, str] | dict[str, str] | None) -> None:
+        """Set the class names (saved in `model_index.json`) and rebuild the name → id map.
+
+        Used by `load_lora_weights` for adapters with a new label set; `None` removes the names (ids only).
+        """
+        # JSON turns int keys into strings; normalise back.
+        id2label = {int(key): value for key, value in id2label.items()} if id2label else None
         self.id2label = id2label or {}
+        # After the attribute: DiffusionPipeline.__setattr__ mirrors config attributes, and the config keeps `None`.
+        self.register_to_config(id2label=id2label)
         # name → ids; a synonym shared by two classes (e.g. "crane") maps to both and must be disambiguated by id.
         self.labels: dict[str, list[int]] = {}
         for class_id, names in self.id2label.items():
             for name in names.split(","):
                 self.labels.setdefault(name.strip().lower(), []).append(class_id)
-        self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_normalize=True)
 
     @property
     def num_classes(self) -> int:

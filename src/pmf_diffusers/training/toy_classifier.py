@@ -239,6 +239,33 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x.clamp_(-1.0, 1.0)
 
 
+def _negatives(n: int, size: int, g: torch.Generator) -> torch.Tensor:
+    """Images that belong to NO class (for outlier exposure), (n,3,size,size) in [-1, 1].
+
+    A mix of Gaussian noise, uniform noise, smooth large-scale random colour
+    fields and blank dark backgrounds with a gradient (a toy background with no
+    shape).
+    """
+
+    def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=g) * (hi - lo) + lo
+
+    kinds = torch.randint(0, 4, (n,), generator=g)
+    gauss = torch.randn(n, 3, size, size, generator=g) * u(0.1, 1.0, n, 1, 1, 1) + u(-0.8, 0.3, n, 1, 1, 1)
+    unif = (torch.rand(n, 3, size, size, generator=g) * 2 - 1) * u(0.3, 1.0, n, 1, 1, 1)
+    low = torch.randn(n, 3, 4, 4, generator=g)
+    low = F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
+    smooth = low * u(0.2, 0.7, n, 1, 1, 1) + u(-0.7, 0.0, n, 1, 1, 1)
+    ramp = torch.linspace(-0.5, 0.5, size)
+    a = u(0.0, 2 * math.pi, n)
+    grad = torch.cos(a)[:, None, None] * ramp[None, None, :] + torch.sin(a)[:, None, None] * ramp[None, :, None]
+    blank = u(-0.9, -0.5, n, 1, 1, 1) + u(-0.06, 0.06, n, 3, 1, 1) + u(0.0, 0.15, n, 1, 1, 1) * grad[:, None]
+    blank = blank + torch.randn(n, 3, size, size, generator=g) * u(0.0, 0.05, n, 1, 1, 1)
+    k = kinds[:, None, None, None]
+    x = torch.where(k == 0, gauss, torch.where(k == 1, unif, torch.where(k == 2, smooth, blank)))
+    return x.clamp_(-1.0, 1.0)
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -255,6 +282,7 @@ def train_toy_classifier(
     image_size: int | None = None,
     augment: bool = True,
     label_smoothing: float = 0.05,
+    outlier_exposure: float = 0.5,
     val_fraction: float = 0.0,
     progress: bool = False,
 ) -> ToyClassifier:
@@ -264,7 +292,13 @@ def train_toy_classifier(
     ``(images, labels)`` pair (images: float ``(N,3,H,W)`` in ``[-1, 1]`` or
     ``uint8`` ``(N,H,W,3)`` as from ``generate_toy_arrays``). Deterministic for a
     given ``seed`` (same device and thread count). With ``val_fraction > 0`` a
-    random split is held out and its accuracy recorded. A summary (time, final
+    random split is held out and its accuracy recorded.
+
+    ``outlier_exposure`` (weight, 0 disables) adds images that belong to no
+    class (noise, smooth random colour fields, blank backgrounds; a quarter of
+    each batch) trained towards the uniform distribution, so that garbage gets
+    LOW confidence instead of a confident arbitrary class; combine with
+    ``evaluate_per_class_accuracy(..., min_confidence=0.5)``. A summary (time, final
     loss, validation accuracy) is stored in ``classifier.training_summary``.
     """
     t0 = time.perf_counter()
@@ -306,13 +340,18 @@ def train_toy_classifier(
             if len(idx) < 2:  # BatchNorm needs more than one sample
                 continue
             xb = _augment(x[idx], g) if augment else x[idx]
+            n_neg = max(1, len(idx) // 4) if outlier_exposure > 0 else 0
+            if n_neg:
+                xb = torch.cat([xb, _negatives(n_neg, xb.shape[-1], g)])
             logits = model(xb.to(device))
-            loss = loss_fn(logits, y[idx].to(device))
+            loss = cls_loss = loss_fn(logits[: len(idx)], y[idx].to(device))
+            if n_neg:  # cross-entropy towards the uniform distribution
+                loss = loss + outlier_exposure * (-F.log_softmax(logits[len(idx) :], dim=1).mean(dim=1).mean())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            run_loss += loss.item() * len(idx)
+            run_loss += cls_loss.item() * len(idx)
             run_n += len(idx)
             bar.update(1)
         last_loss = run_loss / max(run_n, 1)
@@ -326,6 +365,7 @@ def train_toy_classifier(
         "num_train_images": len(x),
         "image_size": int(x.shape[-1]),
         "final_train_loss": round(last_loss, 5),
+        "outlier_exposure": float(outlier_exposure),
     }
     if x_val is not None:
         summary["val_accuracy"] = float((model.predict(x_val) == y_val).float().mean())
@@ -337,19 +377,30 @@ def train_toy_classifier(
 
 @torch.no_grad()
 def evaluate_per_class_accuracy(
-    classifier: ToyClassifier, images: Any, labels: Any, batch_size: int = 256
+    classifier: ToyClassifier,
+    images: Any,
+    labels: Any,
+    batch_size: int = 256,
+    *,
+    min_confidence: float = 0.0,
 ) -> dict[int, float]:
     """Per-class accuracy ``{class_id: fraction of that class's images predicted as it}``.
 
     ``images``: ``(N,3,H,W)`` float in ``[-1, 1]`` (uint8 NHWC also accepted);
     ``labels``: ``(N,)`` ints. Only classes present in ``labels`` appear in the
-    result (sorted by class id).
+    result (sorted by class id). With ``min_confidence > 0`` an image only counts
+    as correct if the classifier's probability for its class is at least that
+    (0.5 is a good choice for judging generated samples: garbage such as noise
+    or blank images then counts as wrong instead of as a lucky guess).
     """
     y = torch.as_tensor(np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)).long().reshape(-1)
     x = _to_model_input(images)
     if len(x) != len(y):
         raise ValueError(f"{len(x)} images but {len(y)} labels")
-    pred = classifier.predict(x, batch_size=batch_size)
+    proba = classifier.predict_proba(x, batch_size=batch_size)
+    pred = proba.argmax(dim=1)
+    if min_confidence > 0:
+        pred = torch.where(proba.max(dim=1).values >= min_confidence, pred, torch.full_like(pred, -1))
     return {int(c): float((pred[y == c] == c).float().mean()) for c in torch.unique(y).tolist()}
 
 

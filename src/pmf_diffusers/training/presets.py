@@ -1,0 +1,205 @@
+# Copyright 2026 The pmf-diffusers developers. MIT License.
+"""Training presets: model shape + training recipe + sampling defaults, by name.
+
+* ``pMF-B/16`` … ``pMF-H/32`` — the six released sizes: shapes of the official ``pmfDiT_*`` (pmf_spec.md §2.6), recipe
+  of :meth:`PMFLossConfig.from_preset` (§5.6), global batch 1024, lr 1e-3 constant, EMA half-lives 500/1000/2000 kimg,
+  320 epochs, sampling ω and interval of :data:`pmf_diffusers.conversion.OFFICIAL_PRESETS` (§2.7), and the EMA the
+  official evaluation used for that size.
+* ``toy-cpu`` — a 32×32 model sized for a ≤ 25 min CPU run (2 cores) on the toy shapes dataset.
+* ``tiny-test`` — a very small 16×16 model for tests.
+
+Every value can be overridden (the training script exposes one flag per field).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..conversion import OFFICIAL_PRESETS, resolve_preset
+from .objective import PMFLossConfig
+
+__all__ = [
+    "TrainingPreset",
+    "TRAINING_PRESETS",
+    "OFFICIAL_EVAL_EMA_KIMG",
+    "official_model_config",
+    "get_training_preset",
+    "preset_names",
+]
+
+# EMA half-life (kimg) behind the paper's numbers, per size (pmf_spec.md §2.7).
+OFFICIAL_EVAL_EMA_KIMG = {
+    "pMF-B/16": 2000.0,
+    "pMF-B/32": 2000.0,
+    "pMF-L/16": 1000.0,
+    "pMF-L/32": 2000.0,
+    "pMF-H/16": 1000.0,
+    "pMF-H/32": 500.0,
+}
+
+
+@dataclass(frozen=True)
+class TrainingPreset:
+    """A named training setup.
+
+    Attributes:
+        name: preset name.
+        description: one line for ``--help``.
+        model: keyword arguments of :class:`PMFTransformer2DModel` (all but ``num_classes``).
+        loss: the objective's :class:`PMFLossConfig`.
+        global_batch_size: images per optimizer step over all processes (official 1024).
+        learning_rate: constant learning rate (official 1e-3).
+        adam_beta2: b2 of the Adam part of Muon (official 0.95).
+        ema_half_lives_kimg: EMA half-lives (official 500, 1000, 2000).
+        ema_ref_batch: the EMA schedule's reference batch (official 1024, hard-coded).
+        export_ema_kimg: the EMA exported into the pipeline and used for validation samples.
+        guidance_scale, guidance_interval: sampling defaults written into the exported pipeline.
+        num_train_epochs: default training length when ``--max_train_steps`` is not given.
+        max_train_steps: default step budget (overrides epochs) or None.
+        validation_steps, checkpointing_steps: default frequencies.
+        official: whether this is one of the released sizes.
+    """
+
+    name: str
+    description: str
+    model: dict
+    loss: PMFLossConfig
+    global_batch_size: int = 1024
+    learning_rate: float = 1e-3
+    adam_beta2: float = 0.95
+    ema_half_lives_kimg: tuple[float, ...] = (500.0, 1000.0, 2000.0)
+    ema_ref_batch: int = 1024
+    export_ema_kimg: float = 500.0
+    guidance_scale: float = 1.0
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    num_train_epochs: int = 320
+    max_train_steps: int | None = None
+    validation_steps: int = 5000
+    checkpointing_steps: int = 5000
+    official: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def replace(self, **changes) -> "TrainingPreset":
+        return dataclasses.replace(self, **changes)
+
+
+def official_model_config(name: str) -> dict:
+    """`PMFTransformer2DModel` kwargs (without ``num_classes``) of a released size, as the official ``pmfDiT_*``."""
+    preset = resolve_preset(name)
+    hidden = preset.hidden_size
+    heads = 12 if hidden <= 768 else 16
+    mlp_hidden_dim = int(hidden * 8 / 3)
+    if hidden > 1024:  # the torch branch rounds the SwiGLU width up to a multiple of 8 only above 1024 (H: 3413 → 3416)
+        mlp_hidden_dim = (mlp_hidden_dim + 7) // 8 * 8
+    return {
+        "sample_size": preset.sample_size,
+        "patch_size": preset.patch_size,
+        "num_layers": preset.num_layers,
+        "num_head_layers": 8,
+        "num_attention_heads": heads,
+        "attention_head_dim": hidden // heads,
+        "mlp_hidden_dim": mlp_hidden_dim,
+        "bottleneck_dim": 128 if hidden <= 1024 else 256,
+        "with_v_head": True,
+    }
+
+
+def _official(name: str) -> TrainingPreset:
+    preset = OFFICIAL_PRESETS[name]
+    return TrainingPreset(
+        name=name,
+        description=(
+            f"official {name}: {preset.sample_size}px, patch {preset.patch_size}, hidden {preset.hidden_size}, "
+            f"batch 1024, lr 1e-3, 320 epochs (paper FID {preset.fid})"
+        ),
+        model=official_model_config(name),
+        loss=PMFLossConfig.from_preset(name),
+        export_ema_kimg=OFFICIAL_EVAL_EMA_KIMG[name],
+        guidance_scale=preset.guidance_scale,
+        guidance_interval=tuple(preset.guidance_interval),
+        official=True,
+    )
+
+
+# Small presets. The perceptual losses are off (their VGG16 / ConvNeXt-V2 nets cost more than the model on CPU and
+# need downloaded weights); set --lpips_lambda / --convnext_lambda to enable them. With few images per step the EMA
+# stays in its ramp-up (half-life = 5 % of the images seen so far), which suits short runs.
+_SMALL_LOSS = dict(lpips_lambda=0.0, convnext_lambda=0.0, noise_scale=1.0)
+
+TRAINING_PRESETS: dict[str, TrainingPreset] = {name: _official(name) for name in OFFICIAL_PRESETS}
+TRAINING_PRESETS["toy-cpu"] = TrainingPreset(
+    name="toy-cpu",
+    description="32px, patch 4, hidden 128 (2 heads × 64), trunk 4 + heads 2: the toy-shapes CPU demo (~20 min on 2 cores)",
+    model={
+        "sample_size": 32,
+        "patch_size": 4,
+        "num_layers": 4,
+        "num_head_layers": 2,
+        "num_attention_heads": 2,
+        "attention_head_dim": 64,
+        "mlp_hidden_dim": 344,
+        "bottleneck_dim": 48,
+        "frequency_embedding_dim": 128,
+        "with_v_head": True,
+    },
+    loss=PMFLossConfig(p_mean=0.0, p_std=1.0, **_SMALL_LOSS),
+    global_batch_size=64,
+    learning_rate=1e-3,
+    ema_half_lives_kimg=(500.0, 1000.0, 2000.0),
+    export_ema_kimg=500.0,
+    guidance_scale=2.0,
+    guidance_interval=(0.0, 1.0),
+    num_train_epochs=1000,
+    max_train_steps=1500,
+    validation_steps=250,
+    checkpointing_steps=500,
+)
+TRAINING_PRESETS["tiny-test"] = TrainingPreset(
+    name="tiny-test",
+    description="16px, patch 4, hidden 32, trunk 1 + heads 1: for tests only",
+    model={
+        "sample_size": 16,
+        "patch_size": 4,
+        "num_layers": 1,
+        "num_head_layers": 1,
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "mlp_hidden_dim": 64,
+        "bottleneck_dim": 16,
+        "frequency_embedding_dim": 32,
+        "num_class_tokens": 2,
+        "num_guidance_tokens": 1,
+        "num_interval_tokens": 1,
+        "num_time_tokens": 1,
+        "with_v_head": True,
+    },
+    loss=PMFLossConfig(p_mean=0.0, p_std=1.0, **_SMALL_LOSS),
+    global_batch_size=8,
+    learning_rate=1e-3,
+    export_ema_kimg=500.0,
+    guidance_scale=1.0,
+    guidance_interval=(0.0, 1.0),
+    num_train_epochs=1,
+    max_train_steps=20,
+    validation_steps=1000,
+    checkpointing_steps=1000,
+)
+
+
+def preset_names() -> list[str]:
+    return list(TRAINING_PRESETS)
+
+
+def get_training_preset(name: str) -> TrainingPreset:
+    """The preset called ``name`` (official sizes also accept spellings like ``B/16`` or ``pmf-b-16``).
+
+    Raises:
+        ValueError: for an unknown name, listing the valid ones.
+    """
+    if name in TRAINING_PRESETS:
+        return TRAINING_PRESETS[name]
+    try:
+        return TRAINING_PRESETS[resolve_preset(name).name]
+    except ValueError:
+        raise ValueError(f"Unknown preset {name!r}. Valid presets: {', '.join(TRAINING_PRESETS)}.") from None

@@ -1,0 +1,373 @@
+"""LoRA fine-tuning (peft): training only moves the adapter, save/load round trips, fuse/unfuse, adapter switching,
+new label sets (class table + id2label in their own files), and clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import max_rel_err
+
+from pmf_diffusers import PMFPipeline, PMFScheduler, PMFTransformer2DModel
+from pmf_diffusers.lora import (
+    ADAPTER_CONFIG_NAME,
+    CLASS_EMBEDDINGS_NAME,
+    PMF_LORA_TARGETS,
+    add_pmf_lora,
+    pmf_base_model_info,
+    read_label_set,
+    replace_class_table,
+    resolve_lora_targets,
+    save_pmf_lora,
+)
+from pmf_diffusers.training import PMFLossConfig, pmf_loss
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TINY = dict(
+    sample_size=32, patch_size=8, num_layers=1, num_head_layers=1, num_attention_heads=2, attention_head_dim=16,
+    mlp_hidden_dim=64, bottleneck_dim=16, num_classes=4, with_v_head=True,
+)
+BASE_NAMES = {0: "apple", 1: "banana", 2: "cherry", 3: "date"}
+_BASE_CACHE: dict[tuple, dict[str, torch.Tensor]] = {}
+
+
+def base_state_dict(**overrides) -> dict[str, torch.Tensor]:
+    """Random, non-degenerate weights (the official init zeroes the gates and the output layers)."""
+    config = {**TINY, **overrides}
+    key = tuple(sorted(config.items()))
+    if key not in _BASE_CACHE:
+        torch.manual_seed(0)
+        model = PMFTransformer2DModel(**config)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn_like(param) * 0.1)
+        _BASE_CACHE[key] = {name: value.clone() for name, value in model.state_dict().items()}
+    return {name: value.clone() for name, value in _BASE_CACHE[key].items()}
+
+
+def make_transformer(**overrides) -> PMFTransformer2DModel:
+    model = PMFTransformer2DModel(**{**TINY, **overrides})
+    model.load_state_dict(base_state_dict(**overrides))
+    return model.eval()
+
+
+def make_pipe(transformer=None, id2label=BASE_NAMES, **overrides) -> PMFPipeline:
+    pipe = PMFPipeline(transformer if transformer is not None else make_transformer(**overrides), PMFScheduler(),
+                       id2label=id2label)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe, labels=(0, 1, 4), seed=0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(list(labels), generator=generator, output_type="latent").images
+
+
+def train(transformer, steps=3, num_classes=4, seed=0, lr=1e-2):
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    config = PMFLossConfig(lpips_lambda=0.0, convnext_lambda=0.0)
+    transformer.train()
+    for _ in range(steps):
+        images = torch.rand(2, 3, 32, 32, generator=generator) * 2 - 1
+        labels = torch.randint(0, num_classes, (2,), generator=generator)
+        loss = pmf_loss(transformer, images, labels, config, generator=generator).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    transformer.eval()
+    return loss.item()
+
+
+def random_adapter(adapter_name="b", rank=2, seed=1, **model_overrides) -> PMFTransformer2DModel:
+    """An adapter with random (non-zero) B, without training."""
+    transformer = make_transformer(**model_overrides)
+    add_pmf_lora(transformer, rank=rank, adapter_name=adapter_name)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return transformer
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A rank-4, alpha-8 attention+mlp adapter trained for 3 steps of the real objective."""
+    transformer = make_transformer()
+    before = {name: value.clone() for name, value in transformer.state_dict().items()}
+    trainable = add_pmf_lora(transformer, rank=4, alpha=8)
+    loss = train(transformer, steps=3)
+    return {"transformer": transformer, "before": before, "trainable": trainable, "loss": loss}
+
+
+@pytest.fixture(scope="module")
+def base_sample():
+    return sample(make_pipe())
+
+
+@pytest.fixture(scope="module")
+def saved_adapter(trained, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adapter")
+    save_pmf_lora(trained["transformer"], folder)
+    return folder
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training moves only the adapter
+# --------------------------------------------------------------------------------------------------------------
+def test_training_changes_only_the_adapter(trained, base_sample):
+    transformer = trained["transformer"]
+    assert trained["trainable"] and all("lora_" in name for name in trained["trainable"])
+    # LoRA on the trunk, the u-head and the v-head, for all seven linears of each block.
+    for block in ("transformer_blocks.0", "u_head_blocks.0", "v_head_blocks.0"):
+        for target in PMF_LORA_TARGETS["attention+mlp"]:
+            assert any(name.startswith(f"{block}.{target}.lora_A") for name in trained["trainable"]), (block, target)
+
+    after = {
+        name.replace(".base_layer", ""): value
+        for name, value in transformer.state_dict().items()
+        if "lora_" not in name
+    }
+    assert after.keys() == trained["before"].keys()
+    for name, value in trained["before"].items():
+        assert torch.equal(after[name], value), name
+    assert any(
+        param.abs().max() > 0 for name, param in transformer.named_parameters() if "lora_B" in name
+    ), "training did not move the adapter"
+
+    pipe = make_pipe(transformer)
+    adapted = sample(pipe)
+    assert not torch.equal(adapted, base_sample)
+    pipe.transformer.disable_adapters()
+    assert torch.equal(sample(pipe), base_sample)
+    pipe.transformer.enable_adapters()
+    assert torch.equal(sample(pipe), adapted)
+
+
+def test_add_pmf_lora_presets_and_targets():
+    transformer = make_transformer()
+    names = add_pmf_lora(transformer, rank=2, targets="attention")
+    assert {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in names} == {"to_q", "to_k", "to_v", "to_out"}
+    assert all(not p.requires_grad for n, p in transformer.named_parameters() if "lora_" not in n)
+
+    transformer = make_transformer()
+    names = add_pmf_lora(transformer, rank=2, targets="all-linear", train_class_embeddings=True)
+    assert "class_embedder.weight" in names
+    assert any(name.startswith("u_proj_out.lora_A") for name in names)
+    assert any(name.startswith("delta_time_embedder.embedder.linear_2.lora_A") for name in names)
+    # A preset entry the model lacks (no v-head → no v_proj_out) is dropped, not an error.
+    assert "v_proj_out" not in resolve_lora_targets(make_transformer(with_v_head=False), "all-linear")
+    assert resolve_lora_targets(make_transformer(), "to_q, ff.down_proj") == ["to_q", "ff.down_proj"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Save / load / fuse / switch
+# --------------------------------------------------------------------------------------------------------------
+def test_saved_files_are_small_and_standard(saved_adapter, trained):
+    files = sorted(path.name for path in saved_adapter.iterdir())
+    assert files == [ADAPTER_CONFIG_NAME, "pytorch_lora_weights.safetensors"]  # no class table: it was not trained
+    with safe_open(saved_adapter / "pytorch_lora_weights.safetensors", "pt") as handle:
+        keys = list(handle.keys())
+        header = json.loads(handle.metadata()["lora_adapter_metadata"])
+    assert keys and all("lora" in key and key.startswith("transformer.") for key in keys)
+    assert header["transformer.r"] == 4 and header["transformer.lora_alpha"] == 8
+    num_lora = sum(p.numel() for n, p in trained["transformer"].named_parameters() if "lora_" in n)
+    num_base = sum(v.numel() for v in trained["before"].values())
+    assert num_lora < num_base / 4
+    sidecar = json.loads((saved_adapter / ADAPTER_CONFIG_NAME).read_text())
+    assert sidecar["base_model"]["hidden_size"] == 32 and sidecar["base_model"]["num_classes"] == 4
+    assert sidecar["class_embeddings"] is None and sidecar["id2label"] is None
+
+
+def test_save_load_round_trip_reproduces_samples(saved_adapter, trained):
+    expected = sample(make_pipe(trained["transformer"]))
+    pipe = make_pipe()
+    pipe.load_lora_weights(saved_adapter, adapter_name="a")
+    assert torch.equal(sample(pipe), expected)
+    assert pipe.get_active_adapters() == ["a"]
+    # Into a model built without the v-head (like the released checkpoints): the v-head LoRA is dropped.
+    pipe = make_pipe(with_v_head=False)
+    pipe.load_lora_weights(saved_adapter)
+    assert torch.equal(sample(pipe), expected)
+
+
+def test_fuse_unfuse_and_disable(saved_adapter, base_sample):
+    pipe = make_pipe()
+    pipe.load_lora_weights(saved_adapter, adapter_name="a")
+    weight = pipe.transformer.transformer_blocks[0].attn.to_q.base_layer.weight
+    base_weight = weight.detach().clone()
+    unfused = sample(pipe)
+    pipe.fuse_lora()
+    assert not torch.equal(weight, base_weight)
+    fused = sample(pipe)
+    assert max_rel_err(fused, unfused) <= 1e-5
+    pipe.unfuse_lora()
+    assert max_rel_err(weight, base_weight) <= 1e-6
+    assert max_rel_err(sample(pipe), unfused) <= 1e-5
+
+    pipe.set_adapters("a", 0.0)
+    assert torch.equal(sample(pipe), base_sample)
+    pipe.set_adapters("a", 1.0)
+    assert max_rel_err(sample(pipe), unfused) <= 1e-6
+    pipe.disable_lora()
+    assert torch.equal(sample(pipe), base_sample)
+    pipe.enable_lora()
+    pipe.unload_lora_weights()
+    assert torch.equal(sample(pipe), base_sample)
+
+
+def test_multiple_adapters(saved_adapter, tmp_path, base_sample):
+    save_pmf_lora(random_adapter("b"), tmp_path / "b", adapter_name="b")
+    pipe = make_pipe()
+    pipe.load_lora_weights(saved_adapter, adapter_name="a")
+    pipe.load_lora_weights(tmp_path / "b", adapter_name="b")
+    pipe.set_adapters("a")
+    only_a = sample(pipe)
+    pipe.set_adapters("b")
+    only_b = sample(pipe)
+    pipe.set_adapters(["a", "b"], [1.0, 0.0])
+    assert torch.equal(sample(pipe), only_a)
+    pipe.set_adapters(["a", "b"], [0.0, 0.0])
+    assert torch.equal(sample(pipe), base_sample)
+    pipe.set_adapters(["a", "b"], [0.7, 0.5])
+    mixed = sample(pipe)
+    assert not torch.equal(mixed, only_a) and not torch.equal(mixed, only_b)
+    pipe.fuse_lora(adapter_names=["a", "b"])
+    assert max_rel_err(sample(pipe), mixed) <= 1e-5
+    pipe.unfuse_lora()
+    pipe.delete_adapters("b")
+    pipe.set_adapters("a")
+    assert max_rel_err(sample(pipe), only_a) <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------------------------
+# New label sets
+# --------------------------------------------------------------------------------------------------------------
+def test_replace_class_table_initialisation():
+    transformer = make_transformer()
+    old = transformer.class_embedder.weight.detach().clone()
+    table = replace_class_table(transformer, 3, generator=torch.Generator().manual_seed(0)).weight
+    assert table.shape == (4, 32) and table.requires_grad and transformer.config.num_classes == 3
+    assert torch.equal(table[3], old[4])  # the null row is kept
+    noise = (table[:3] - old[4]).detach()
+    assert 0 < noise.std() < 0.05 * old[4].std()  # null row + N(0, (0.02·std)²)
+    assert pmf_base_model_info(transformer)["num_classes"] == 4
+
+    transformer = make_transformer()
+    table = replace_class_table(transformer, 2, init=[3, None]).weight
+    assert torch.equal(table[0], old[3]) and torch.equal(table[2], old[4])
+    with pytest.raises(ValueError, match="pretrained class id"):
+        replace_class_table(make_transformer(), 2, init=[4, 0])
+    with pytest.raises(ValueError, match="2 new classes"):
+        replace_class_table(make_transformer(), 2, init=[0])
+
+
+def test_new_label_set_round_trip(tmp_path, base_sample):
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("# my shapes\nred square\nBlue circle\n\ngreen triangle, pyramid\n")
+    id2label = read_label_set(labels_file)
+    assert id2label == {0: "red square", 1: "Blue circle", 2: "green triangle, pyramid"}
+
+    transformer = make_transformer()
+    replace_class_table(transformer, len(id2label), generator=torch.Generator().manual_seed(0))
+    trainable = add_pmf_lora(transformer, rank=2)  # after the table: it stays trainable
+    assert "class_embedder.weight" in trainable
+    table_before = transformer.class_embedder.weight.detach().clone()
+    train(transformer, steps=2, num_classes=3)
+    assert not torch.equal(transformer.class_embedder.weight, table_before)
+    save_pmf_lora(transformer, tmp_path / "shapes", id2label=id2label)
+    assert (tmp_path / "shapes" / CLASS_EMBEDDINGS_NAME).is_file()
+    expected = sample(make_pipe(transformer, id2label=id2label), labels=("blue circle", "pyramid", 3))
+
+    pipe = make_pipe()
+    pipe.load_lora_weights(tmp_path / "shapes")
+    assert pipe.id2label == id2label and pipe.config.id2label == id2label
+    assert pipe.num_classes == 3 and pipe.transformer.config.num_classes == 3
+    assert torch.equal(pipe.transformer.class_embedder.weight, transformer.class_embedder.weight)
+    assert torch.equal(sample(pipe, labels=("blue circle", "pyramid", "unconditional")), expected)
+    with pytest.raises(ValueError, match="out of range"):
+        pipe(3 + 1)
+    pipe.save_pretrained(tmp_path / "merged")  # the new names persist with the pipeline
+    assert json.loads((tmp_path / "merged" / "model_index.json").read_text())["id2label"]["1"] == "Blue circle"
+
+    # A second adapter with its own table must not silently replace the first one's.
+    with pytest.raises(ValueError, match="already replaced the class table"):
+        pipe.load_lora_weights(tmp_path / "shapes", adapter_name="again")
+
+    pipe.unload_lora_weights()  # back to the base model, names and table included
+    assert pipe.num_classes == 4 and pipe.id2label == BASE_NAMES
+    assert torch.equal(sample(pipe), base_sample)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------------------------
+def test_adapter_for_another_base_is_rejected(saved_adapter, tmp_path):
+    pipe = make_pipe(attention_head_dim=32)
+    with pytest.raises(ValueError, match=r"different base model.*hidden_size = 32 .* vs 64"):
+        pipe.load_lora_weights(saved_adapter)
+    assert not getattr(pipe.transformer, "peft_config", None)  # nothing was loaded
+
+    # Without the sidecar (a bare LoRA file): the tensor shapes are checked.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "pytorch_lora_weights.safetensors").write_bytes((saved_adapter / "pytorch_lora_weights.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="does not fit this model's shape.*shape mismatches"):
+        pipe.load_lora_weights(bare)
+    # A deeper base: modules this model does not have (peft alone would only warn).
+    deep = tmp_path / "deep"
+    save_pmf_lora(random_adapter(num_layers=2), deep, adapter_name="b")
+    (deep / ADAPTER_CONFIG_NAME).unlink()
+    with pytest.raises(ValueError, match="modules the model does not have.*transformer_blocks.1"):
+        make_pipe().load_lora_weights(deep)
+    # Same shapes, different base class count.
+    with pytest.raises(ValueError, match="num_classes = 4 .* vs 10"):
+        make_pipe(num_classes=10).load_lora_weights(saved_adapter)
+
+
+@pytest.mark.parametrize("rank", [0, -4, 2.5])
+def test_bad_rank(rank):
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        add_pmf_lora(make_transformer(), rank=rank)
+
+
+def test_unknown_target_lists_the_available_modules():
+    with pytest.raises(ValueError, match=r"\['to_qq'\] match no nn.Linear.*attn.to_q.*ff.gate_proj.*u_proj_out"):
+        add_pmf_lora(make_transformer(), rank=4, targets="to_qq,to_k")
+
+
+def test_bad_label_sets(tmp_path, trained):
+    duplicates = tmp_path / "dup.txt"
+    duplicates.write_text("Cat\ndog\ncat\n")
+    with pytest.raises(ValueError, match=r"duplicate class names.*'cat' \(classes 0 and 2\)"):
+        read_label_set(duplicates)
+    as_json = tmp_path / "labels.json"
+    as_json.write_text(json.dumps(["cat", "dog"]))
+    assert read_label_set(as_json, num_classes=2) == {0: "cat", 1: "dog"}
+    with pytest.raises(ValueError, match="2 class names but the class table has 3 classes"):
+        read_label_set(as_json, num_classes=3)
+    reserved = tmp_path / "reserved.txt"
+    reserved.write_text("cat\nunconditional\n")
+    with pytest.raises(ValueError, match="reserves"):
+        read_label_set(reserved)
+
+    # A saved adapter whose label set disagrees with its table: refused before anything is loaded.
+    transformer = random_adapter()
+    replace_class_table(transformer, 3)
+    folder = tmp_path / "tampered"
+    save_pmf_lora(transformer, folder, adapter_name="b", id2label={0: "a", 1: "b", 2: "c"})
+    sidecar = json.loads((folder / ADAPTER_CONFIG_NAME).read_text())
+    sidecar["id2label"] = {"0": "a", "1": "b"}
+    (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(sidecar))
+    pipe = make_pipe()
+    with pytest.raises(ValueError, match="2 class names but the class table has 3 classes"):
+        pipe.load_lora_weights(folder)
+    assert pipe.num_classes == 4 and not getattr(pipe.transformer, "peft_config", None)
+    with pytest.raises(ValueError, match="2 class names but the class table has 3"):
+        save_pmf_lora(transformer, tmp_path / "bad", adapter_name="b", id2label={0: "a", 1: "b"})
