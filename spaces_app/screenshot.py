@@ -258,6 +258,16 @@ class BrowserPage:
         tokens = "JSON.stringify(Array.from(document.querySelectorAll('#classes .token')).map(e => e.innerText.trim()))"
         self._type_and_enter("#classes input", text)
         self.wait_for(lambda: text in self.evaluate(tokens), f"{text!r} among the selected classes", timeout=10)
+        self.close_dropdowns()
+
+    def close_dropdowns(self):
+        """Leave the focused field (like clicking elsewhere) so no open option list covers the buttons."""
+        self.evaluate("(() => { document.activeElement && document.activeElement.blur(); return true; })()")
+        self.wait_for(
+            lambda: self.evaluate("document.querySelectorAll('[aria-expanded=\"true\"]').length === 0"),
+            "the option lists to close",
+            timeout=10,
+        )
 
     def _type_and_enter(self, selector: str, text: str):
         focused = self.evaluate(

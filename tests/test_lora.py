@@ -17,6 +17,8 @@ from pmf_diffusers.lora import (
     CLASS_EMBEDDINGS_NAME,
     PMF_LORA_TARGETS,
     add_pmf_lora,
+    label_set_index,
+    load_pmf_lora_state,
     pmf_base_model_info,
     read_label_set,
     replace_class_table,
@@ -36,7 +38,11 @@ _BASE_CACHE: dict[tuple, dict[str, torch.Tensor]] = {}
 
 
 def base_state_dict(**overrides) -> dict[str, torch.Tensor]:
-    """Random, non-degenerate weights (the official init zeroes the gates and the output layers)."""
+    """Random, non-degenerate weights (the official init zeroes the gates and the output layers). Without a v-head:
+    the same weights minus the v-head."""
+    if overrides.get("with_v_head") is False:
+        full = base_state_dict(**{**overrides, "with_v_head": True})
+        return {k: v for k, v in full.items() if not k.startswith(("v_head_blocks.", "v_norm_out.", "v_proj_out."))}
     config = {**TINY, **overrides}
     key = tuple(sorted(config.items()))
     if key not in _BASE_CACHE:
@@ -200,26 +206,30 @@ def test_save_load_round_trip_reproduces_samples(saved_adapter, trained):
 def test_fuse_unfuse_and_disable(saved_adapter, base_sample):
     pipe = make_pipe()
     pipe.load_lora_weights(saved_adapter, adapter_name="a")
-    weight = pipe.transformer.transformer_blocks[0].attn.to_q.base_layer.weight
-    base_weight = weight.detach().clone()
     unfused = sample(pipe)
-    pipe.fuse_lora()
-    assert not torch.equal(weight, base_weight)
-    fused = sample(pipe)
-    assert max_rel_err(fused, unfused) <= 1e-5
-    pipe.unfuse_lora()
-    assert max_rel_err(weight, base_weight) <= 1e-6
-    assert max_rel_err(sample(pipe), unfused) <= 1e-5
-
+    # Weight 0 or a disabled adapter gives the base model exactly.
     pipe.set_adapters("a", 0.0)
     assert torch.equal(sample(pipe), base_sample)
     pipe.set_adapters("a", 1.0)
-    assert max_rel_err(sample(pipe), unfused) <= 1e-6
+    assert torch.equal(sample(pipe), unfused)
+    pipe.transformer.disable_adapters()
+    assert torch.equal(sample(pipe), base_sample)
+    pipe.transformer.enable_adapters()
     pipe.disable_lora()
     assert torch.equal(sample(pipe), base_sample)
     pipe.enable_lora()
+    assert torch.equal(sample(pipe), unfused)
+
+    weight = pipe.transformer.transformer_blocks[0].attn.to_q.base_layer.weight
+    base_weight = weight.detach().clone()
+    pipe.fuse_lora()
+    assert not torch.equal(weight, base_weight)
+    assert max_rel_err(sample(pipe), unfused) <= 1e-5
+    pipe.unfuse_lora()  # W + ΔW − ΔW: equal up to rounding
+    assert max_rel_err(weight, base_weight) <= 1e-6
+    assert max_rel_err(sample(pipe), unfused) <= 1e-5
     pipe.unload_lora_weights()
-    assert torch.equal(sample(pipe), base_sample)
+    assert max_rel_err(sample(pipe), base_sample) <= 1e-5
 
 
 def test_multiple_adapters(saved_adapter, tmp_path, base_sample):
@@ -293,16 +303,36 @@ def test_new_label_set_round_trip(tmp_path, base_sample):
     assert torch.equal(sample(pipe, labels=("blue circle", "pyramid", "unconditional")), expected)
     with pytest.raises(ValueError, match="out of range"):
         pipe(3 + 1)
-    pipe.save_pretrained(tmp_path / "merged")  # the new names persist with the pipeline
-    assert json.loads((tmp_path / "merged" / "model_index.json").read_text())["id2label"]["1"] == "Blue circle"
-
     # A second adapter with its own table must not silently replace the first one's.
     with pytest.raises(ValueError, match="already replaced the class table"):
         pipe.load_lora_weights(tmp_path / "shapes", adapter_name="again")
 
+    # Resuming training from the export: same setup, then load_pmf_lora_state.
+    resumed = make_transformer()
+    add_pmf_lora(resumed, rank=2)
+    replace_class_table(resumed, 3)
+    load_pmf_lora_state(resumed, tmp_path / "shapes")
+    for (name, value), (other_name, other) in zip(transformer.state_dict().items(), resumed.state_dict().items()):
+        assert name == other_name and torch.equal(value, other), name
+    assert label_set_index(id2label, ["Green_Triangle", "red square", "BLUE CIRCLE"]) == [2, 0, 1]
+    with pytest.raises(ValueError, match="'hexagon' \\(no match\\)"):
+        label_set_index(id2label, ["hexagon"])
+
     pipe.unload_lora_weights()  # back to the base model, names and table included
     assert pipe.num_classes == 4 and pipe.id2label == BASE_NAMES
     assert torch.equal(sample(pipe), base_sample)
+
+    # fuse + unload bakes the adapter in: a standalone pipeline with the new classes.
+    pipe.load_lora_weights(tmp_path / "shapes")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    assert pipe.num_classes == 3 and pipe.id2label == id2label
+    pipe.save_pretrained(tmp_path / "baked")
+    assert json.loads((tmp_path / "baked" / "model_index.json").read_text())["id2label"]["1"] == "Blue circle"
+    baked = PMFPipeline.from_pretrained(tmp_path / "baked")
+    baked.set_progress_bar_config(disable=True)
+    assert baked.transformer.config.num_classes == 3
+    assert max_rel_err(sample(baked, labels=("blue circle", "pyramid", "unconditional")), expected) <= 1e-5
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -317,7 +347,8 @@ def test_adapter_for_another_base_is_rejected(saved_adapter, tmp_path):
     # Without the sidecar (a bare LoRA file): the tensor shapes are checked.
     bare = tmp_path / "bare"
     bare.mkdir()
-    (bare / "pytorch_lora_weights.safetensors").write_bytes((saved_adapter / "pytorch_lora_weights.safetensors").read_bytes())
+    lora_file = "pytorch_lora_weights.safetensors"
+    (bare / lora_file).write_bytes((saved_adapter / lora_file).read_bytes())
     with pytest.raises(ValueError, match="does not fit this model's shape.*shape mismatches"):
         pipe.load_lora_weights(bare)
     # A deeper base: modules this model does not have (peft alone would only warn).

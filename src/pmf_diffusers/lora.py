@@ -22,8 +22,8 @@ It travels in its own file instead, next to the LoRA file:
 the LoRA through peft, then swaps in the class table and the pipeline's `id2label`. Other tools that only know the
 LoRA file still load it, but without the new classes.
 
-Training-side helpers: [`add_pmf_lora`], [`replace_class_table`], [`read_label_set`], [`pmf_base_model_info`],
-[`save_pmf_lora`]; the target presets are [`PMF_LORA_TARGETS`].
+Training-side helpers: [`add_pmf_lora`], [`replace_class_table`], [`read_label_set`], [`label_set_index`],
+[`pmf_base_model_info`], [`save_pmf_lora`], [`load_pmf_lora_state`]; the target presets are [`PMF_LORA_TARGETS`].
 """
 
 from __future__ import annotations
@@ -264,7 +264,9 @@ def validate_id2label(id2label: dict, num_classes: int | None = None, source: st
     except (TypeError, ValueError) as error:
         raise ValueError(f"{source}: class ids must be integers, got keys {list(id2label)[:5]}.") from error
     if sorted(normalised) != list(range(len(normalised))):
-        raise ValueError(f"{source}: class ids must be exactly 0..{len(normalised) - 1}, got {sorted(normalised)[:10]}.")
+        raise ValueError(
+            f"{source}: class ids must be exactly 0..{len(normalised) - 1}, got {sorted(normalised)[:10]}."
+        )
     seen: dict[str, int] = {}
     duplicates = []
     for class_id in range(len(normalised)):
@@ -408,6 +410,58 @@ def save_pmf_lora(
     )
 
 
+def load_pmf_lora_state(transformer: nn.Module, input_dir: str | os.PathLike, adapter_name: str = "default") -> None:
+    """Resume training: load LoRA weights (and the class table, if saved) written by [`save_pmf_lora`] into a
+    transformer already set up the same way ([`add_pmf_lora`], and [`replace_class_table`] for a new label set).
+    For accelerate's `register_load_state_pre_hook`. Raises on keys or table shapes that do not fit."""
+    from peft.utils import set_peft_model_state_dict
+
+    state_dict = PMFLoraLoaderMixin.lora_state_dict(str(input_dir))
+    prefix = f"{PMFLoraLoaderMixin.transformer_name}."
+    state_dict = {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
+    source = repr(str(input_dir))
+    _check_lora_shapes(state_dict, transformer, "", source)
+    result = set_peft_model_state_dict(transformer, state_dict, adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"The LoRA state in {source} has keys this model's adapter lacks: {unexpected[:5]}.")
+    table_path = Path(input_dir, CLASS_EMBEDDINGS_NAME)
+    if table_path.is_file():
+        from safetensors.torch import load_file
+
+        table = load_file(str(table_path))[CLASS_EMBEDDINGS_KEY]
+        weight = transformer.class_embedder.weight
+        if table.shape != weight.shape:
+            raise ValueError(
+                f"{table_path} holds a {tuple(table.shape)} class table, the model has {tuple(weight.shape)}: call "
+                "`replace_class_table` with the same label set before resuming."
+            )
+        with torch.no_grad():
+            weight.copy_(table.to(device=weight.device, dtype=weight.dtype))
+
+
+def label_set_index(id2label: dict[int, str], class_names: Sequence[str]) -> list[int]:
+    """Map a dataset's class names (e.g. the `imagefolder` folder names, `dataset.features["label"].names`) to the
+    ids of a label set: entry i is the label-set id of dataset class i. Matching is case-insensitive on the full
+    name or any comma-separated synonym, with `_` read as a space. Raises on names that match no or several ids."""
+    lookup: dict[str, set[int]] = {}
+    for class_id, name in id2label.items():
+        for key in [name, *name.split(",")]:
+            lookup.setdefault(key.strip().lower().replace("_", " "), set()).add(int(class_id))
+    index, problems = [], []
+    for name in class_names:
+        ids = lookup.get(str(name).strip().lower().replace("_", " "), set())
+        if len(ids) != 1:
+            problems.append(f"{name!r} ({'no match' if not ids else f'ambiguous: {sorted(ids)}'})")
+        else:
+            index.append(next(iter(ids)))
+    if problems:
+        raise ValueError(
+            f"Dataset classes not found in the label set: {', '.join(problems)}. Label set: {list(id2label.values())}."
+        )
+    return index
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Loader-side validation
 # --------------------------------------------------------------------------------------------------------------
@@ -456,9 +510,9 @@ def _check_lora_shapes(state_dict: dict[str, torch.Tensor], transformer: nn.Modu
         if not isinstance(base, nn.Linear) or value.ndim != 2:
             continue
         if part == ".lora_A." and value.shape[1] != base.in_features:
-            mismatched.append(f"{module_name}: lora_A expects in_features {value.shape[1]}, model has {base.in_features}")
+            mismatched.append(f"{module_name}: lora_A in_features {value.shape[1]}, model {base.in_features}")
         if part == ".lora_B." and value.shape[0] != base.out_features:
-            mismatched.append(f"{module_name}: lora_B gives out_features {value.shape[0]}, model has {base.out_features}")
+            mismatched.append(f"{module_name}: lora_B out_features {value.shape[0]}, model {base.out_features}")
     if missing or mismatched:
         details = []
         if mismatched:
@@ -559,7 +613,7 @@ class PMFLoraLoaderMixin(LoraBaseMixin):
 
     @classmethod
     @validate_hf_hub_args
-    # Copied from diffusers.loaders.lora_pipeline.SanaLoraLoaderMixin.lora_state_dict
+    # Adapted from diffusers.loaders.lora_pipeline.SanaLoraLoaderMixin.lora_state_dict (docstring, DoRA message)
     def lora_state_dict(
         cls,
         pretrained_model_name_or_path_or_dict: str | dict[str, torch.Tensor],
@@ -630,7 +684,8 @@ class PMFLoraLoaderMixin(LoraBaseMixin):
         raises `ValueError` naming it. If the adapter carries a class table (`class_embeddings.safetensors`, a new
         or retrained label set), the table replaces `transformer.class_embedder` (and `transformer.config.num_classes`)
         and its `id2label` replaces the pipeline's (`set_id2label`); a label set whose count disagrees with the table
-        raises. [`unload_lora_weights`] (or `delete_adapters` of that adapter) restores the base table and names.
+        raises. [`unload_lora_weights`] (or `delete_adapters` of that adapter) restores the base table and names,
+        except after `fuse_lora()`, where `unload_lora_weights` bakes the adapter and its classes in.
 
         diffusers' rule that every key of a LoRA file contains `"lora"` still holds here: the LoRA file is a standard
         one; the table travels in its own file, so other tools can read the LoRA file (without the new classes).
@@ -719,9 +774,21 @@ class PMFLoraLoaderMixin(LoraBaseMixin):
         self._pmf_label_set = None
 
     def unload_lora_weights(self):
-        """Unload all LoRA layers and, if an adapter replaced the class table, restore the base table and names."""
+        """Unload all LoRA layers and, if an adapter replaced the class table, restore the base table and names.
+
+        Exception: after `fuse_lora()` of that adapter, `fuse_lora(); unload_lora_weights()` *bakes the adapter in*
+        (the diffusers idiom): the fused weights, the new class table and the names stay, and the pipeline becomes
+        a standalone model that `save_pretrained` writes with the new classes.
+        """
+        installed = getattr(self, "_pmf_label_set", None)
+        baked_in = installed is not None and installed["adapter"] in set(self.fused_loras)
         super().unload_lora_weights()
-        self._restore_base_class_table()
+        if baked_in:
+            self._pmf_label_set = None
+            if hasattr(self.transformer, "_pmf_base_num_classes"):
+                del self.transformer._pmf_base_num_classes
+        else:
+            self._restore_base_class_table()
 
     def delete_adapters(self, adapter_names: list[str] | str):
         """Delete adapters; deleting the one that brought a class table restores the base table and names."""
