@@ -122,9 +122,11 @@ examples:
       --pretrained_model checkpoints/pMF-B-16 --preset pMF-B/16 --train_data_dir /data/my_imagenet_subset \
       --allow_upscale --learning_rate 1e-4 --max_train_steps 20000 --output_dir runs/pmf-b16-ft
 
-  # 4. two CPU processes (DDP over gloo), e.g. to test multi-process behaviour on a laptop
-  accelerate launch --cpu --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
-      --dynamo_backend no examples/train_pmf.py --preset tiny-test --train_data_dir data/toy --output_dir runs/ddp
+  # 4. two CPU processes (DDP over gloo), e.g. to test multi-process behaviour without GPUs. `--cpu` would start a
+  #    single process; ACCELERATE_USE_CPU=1 makes the torch.distributed launcher pick the CPU/gloo backend.
+  ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
+      --mixed_precision no --dynamo_backend no --main_process_port 29511 examples/train_pmf.py \
+      --preset tiny-test --train_data_dir data/toy --output_dir runs/ddp --debug_dump_weights_hash
 
 batch size: --train_batch_size is per device (diffusers convention); --global_batch_size is the official notion
 (images per optimizer step over all processes and accumulation steps) and must be divisible by

@@ -20,6 +20,7 @@ import math
 import os
 import random
 import re
+import socket
 import tempfile
 import threading
 import time
@@ -86,12 +87,30 @@ def _official_cached(name: str) -> bool:
         return False
 
 
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hub endpoint accepts a TCP connection (False at once when `HF_HUB_OFFLINE` is set)."""
+    if _hub_offline():
+        return False
+    try:
+        from urllib.parse import urlparse
+
+        from huggingface_hub import constants
+
+        endpoint = urlparse(constants.ENDPOINT)
+        port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+            return True
+    except Exception:  # noqa: BLE001 — DNS failure, refused, timeout: offline
+        return False
+
+
 def default_models() -> dict[str, ModelSource]:
-    """The bundled toy model, plus every official size that can be loaded here: all of them when the Hub may be
-    reached, only the cached ones when `HF_HUB_OFFLINE` is set."""
+    """The bundled toy model, plus the official sizes that can be loaded here: all of them when the Hub is
+    reachable, else only those already cached (converted folder or downloaded checkpoint)."""
     models: dict[str, ModelSource] = {BUNDLED: load_bundled_pipeline}
+    online = hub_reachable()
     for name in OFFICIAL_PRESETS:
-        if not _hub_offline() or _official_cached(name):
+        if online or _official_cached(name):
             models[name] = name
     return models
 
@@ -118,6 +137,17 @@ class ModelRegistry:
     def is_loaded(self, name: str) -> bool:
         with self._lock:
             return name in self._pipes
+
+    def is_local(self, name: str) -> bool:
+        """Loadable without a download (so `generate` may load it on demand)."""
+        source = self.sources[name]
+        if isinstance(source, str) and source in OFFICIAL_PRESETS:
+            return (default_cache_dir() / source.replace("/", "-") / "model_index.json").is_file()
+        return True
+
+    def peek(self, name: str) -> PMFPipeline | None:
+        """The loaded pipeline without taking a lock (safe in a forked ZeroGPU worker)."""
+        return self._pipes.get(name)
 
     def get(self, name: str) -> PMFPipeline:
         """The pipeline for `name`, loading it on first use; raises with the reason when it cannot be loaded."""
@@ -162,17 +192,23 @@ def class_choices(pipe: PMFPipeline) -> list[str]:
     ]
 
 
-def toy_example_rows(pipe: PMFPipeline) -> list[list]:
+def _example_label(choices: list[str], seed: int) -> str:
+    names = [choice.split(":", 1)[-1].split(",")[0].strip() for choice in choices]
+    return f"{' + '.join(names) if len(names) <= 3 else f'{len(names)} classes'} (seed {seed})"
+
+
+def toy_example_rows(pipe: PMFPipeline) -> tuple[list[list], list[str]]:
     """Examples for a small model: a few single classes, then several at once (inputs: classes, seed, randomize)."""
     choices = class_choices(pipe)
     rows = [[[choice], 0] for choice in choices[:3]] + [[choices[: min(MAX_CLASSES, 6)], 1]]
-    return [[classes, seed, False] for classes, seed in rows]
+    return [[classes, seed, False] for classes, seed in rows], [_example_label(c, seed) for c, seed in rows]
 
 
-def official_example_rows() -> list[list]:
+def official_example_rows() -> tuple[list[list], list[str]]:
     """Classic ImageNet classes for the official sizes (207 golden retriever, 360 otter, 387 red panda, …)."""
     id2label = load_imagenet_id2label()
-    return [[[f"{i}: {id2label[i]}" for i in ids], seed, False] for seed, ids in enumerate(OFFICIAL_EXAMPLE_IDS)]
+    rows = [([f"{i}: {id2label[i]}" for i in ids], seed) for seed, ids in enumerate(OFFICIAL_EXAMPLE_IDS)]
+    return [[classes, seed, False] for classes, seed in rows], [_example_label(c, seed) for c, seed in rows]
 
 
 def default_classes(pipe: PMFPipeline) -> list[str]:
@@ -277,7 +313,8 @@ _REGISTRIES: dict[int, ModelRegistry] = {}  # module level: a ZeroGPU worker (a 
 def run_pipeline(registry_id: int, model: str, labels, seeds, num_steps, guidance_scale, guidance_interval):
     """The only GPU work (`@spaces.GPU` on ZeroGPU). Takes plain, picklable arguments — ZeroGPU ships them to its
     worker — and returns (PIL images, seconds)."""
-    pipe = _REGISTRIES[registry_id].get(model)
+    registry = _REGISTRIES[registry_id]
+    pipe = registry.peek(model) or registry.get(model)
     device = pipe.device
     generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
     if device.type == "cuda":
@@ -350,6 +387,11 @@ def build_demo(
         )
         if not isinstance(model, str) or model not in registry.sources:
             raise GenerateRequestError(f"Unknown model {model!r}; choose one of: {', '.join(registry.sources)}.")
+        if not registry.is_loaded(model) and not registry.is_local(model):
+            raise GenerateRequestError(
+                f"{model} is not loaded yet: select it in the Model box (or call /load_model) and wait until it is "
+                "ready; the first use downloads and converts it."
+            )
         try:
             pipe = registry.get(model)
         except Exception as error:  # noqa: BLE001 — show the reason instead of a generic failure
@@ -478,9 +520,12 @@ def build_demo(
         # Examples only fill the inputs (not cached: nothing runs at startup, nothing burns ZeroGPU quota).
         with gr.Column(visible=not first_official) as toy_examples:
             if toy_pipe is not None and not is_imagenet(toy_pipe):
-                gr.Examples(toy_example_rows(toy_pipe), example_inputs, label="Examples (toy model)")
+                rows, labels = toy_example_rows(toy_pipe)
+                gr.Examples(rows, example_inputs, example_labels=labels, label="Examples (toy model)")
         with gr.Column(visible=first_official) as official_examples:
-            gr.Examples(official_example_rows(), example_inputs, label="Examples (ImageNet classes, official sizes)")
+            # Labelled buttons: a table would show the ImageNet values only while the ImageNet choices are loaded.
+            rows, labels = official_example_rows()
+            gr.Examples(rows, example_inputs, example_labels=labels, label="Examples (ImageNet classes)")
 
         generate_inputs = [classes_dd, seed, randomize, omega, t_min, t_max, steps, per_class, active_model]
         button.click(

@@ -52,7 +52,10 @@ JS_BUTTON_RECT = """(() => {
   b.scrollIntoView({block: 'center'});
   const r = b.getBoundingClientRect();
   if (r.width === 0 || r.height === 0) return null;
-  return JSON.stringify({x: r.x + r.width / 2, y: r.y + r.height / 2});
+  const x = r.x + r.width / 2, y = r.y + r.height / 2;
+  const hit = document.elementFromPoint(x, y);  // nothing (an open option list, a toast) covers the button
+  if (!hit || !hit.closest('#generate')) return null;
+  return JSON.stringify({x, y});
 })()"""
 JS_GALLERY_STATE = """(() => {
   const g = document.querySelector('#gallery');
@@ -240,12 +243,20 @@ class BrowserPage:
         value = result.get("result", {}).get("value")
         return json.loads(value) if isinstance(value, str) else value
 
-    def wait_for(self, predicate, what: str, timeout: float | None = None):
-        return _wait_for(predicate, self.timeout if timeout is None else timeout, what)
+    def wait_for(self, predicate, what: str, timeout: float | None = None, interval: float = 0.1):
+        return _wait_for(predicate, self.timeout if timeout is None else timeout, what, interval)
 
     def click_generate(self):
         """A real left click (mouse move, press, release) at the centre of the Generate button."""
-        center = self.wait_for(lambda: self.evaluate(JS_BUTTON_RECT), "the Generate button")
+        previous = {}
+
+        def settled():  # the same position twice in a row: the layout has stopped moving
+            center = self.evaluate(JS_BUTTON_RECT)
+            stable = center is not None and center == previous.get("center")
+            previous["center"] = center
+            return center if stable else None
+
+        center = self.wait_for(settled, "the Generate button to be clickable", interval=0.25)
         self.send("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": center["x"], "y": center["y"]})
         for kind in ("mousePressed", "mouseReleased"):
             self.send(
@@ -343,7 +354,12 @@ def capture_generate(
             ready = state["loaded"] >= max(expected_images, before["loaded"] + 1) and state["timing"]
             return state if ready else None
 
-        state = page.wait_for(gallery_ready, f"{expected_images} image(s) in the gallery")
+        try:
+            state = page.wait_for(gallery_ready, f"{expected_images} image(s) in the gallery")
+        except TimeoutError as error:  # keep what the page showed, for the CI log
+            failed = Path(out_path).with_suffix(".timeout.png")
+            page.screenshot(failed)
+            raise TimeoutError(f"{error} Page state: {page.gallery_state()}; screenshot: {failed}") from None
         time.sleep(0.3)  # let the last thumbnails paint
         gallery = page.screenshot(out_path)
     return {"gallery": gallery, "images": state["loaded"], "timing": state["timing"],

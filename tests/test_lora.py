@@ -17,6 +17,7 @@ from pmf_diffusers.lora import (
     CLASS_EMBEDDINGS_NAME,
     PMF_LORA_TARGETS,
     add_pmf_lora,
+    init_v_head_from_u_head,
     label_set_index,
     load_pmf_lora_state,
     pmf_base_model_info,
@@ -170,6 +171,23 @@ def test_add_pmf_lora_presets_and_targets():
     # A preset entry the model lacks (no v-head → no v_proj_out) is dropped, not an error.
     assert "v_proj_out" not in resolve_lora_targets(make_transformer(with_v_head=False), "all-linear")
     assert resolve_lora_targets(make_transformer(), "to_q, ff.down_proj") == ["to_q", "ff.down_proj"]
+
+
+def test_v_head_from_u_head_for_checkpoints_without_one(tmp_path):
+    """Released checkpoints have no v-head; loaded for training with the default low_cpu_mem_usage it is meta."""
+    make_transformer(with_v_head=False).save_pretrained(tmp_path / "transformer")
+    transformer = PMFTransformer2DModel.from_pretrained(tmp_path, subfolder="transformer", with_v_head=True)
+    with pytest.raises(ValueError, match="meta"):
+        add_pmf_lora(transformer, rank=2)
+    init_v_head_from_u_head(transformer)
+    z = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.3, 0.9])
+    x_u, x_v = transformer(z, timestep=t, r_timestep=t, class_labels=torch.tensor([0, 4]), guidance=torch.tensor(
+        [1.0, 3.0]), head="both", return_dict=False)
+    assert torch.equal(x_u, x_v)  # u-head at h = 0 is what the v-head learns
+    add_pmf_lora(transformer, rank=2)
+    with pytest.raises(ValueError, match="before adding LoRA"):
+        init_v_head_from_u_head(transformer)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The Gradio Space (`spaces_app/`): launched on 127.0.0.1 and driven through `gradio_client` and headless Chromium.
 
 Uses the real bundled model when it is installed, else a tiny random pipeline with the same shapes (10 classes, 32×32).
-The browser tests need Debian's `chromium` (`.ci/run` installs it) and are skipped without it.
+The browser tests need Debian's `chromium` (`.ci/run` installs it) and are skipped without it (outside CI; under CI=true a missing browser fails).
 """
 
 from __future__ import annotations
@@ -91,6 +91,21 @@ def broken_dir(bundled_dir, tmp_path_factory) -> Path:
     return path
 
 
+def _tiny_imagenet_pipeline():
+    """A random 1000-class model with the ImageNet names and official-style guidance defaults (built in memory)."""
+    from pmf_diffusers import PMFPipeline, PMFScheduler, PMFTransformer2DModel, load_imagenet_id2label
+
+    torch.manual_seed(0)
+    transformer = PMFTransformer2DModel(
+        sample_size=16, patch_size=8, num_layers=1, num_head_layers=1, num_attention_heads=2, attention_head_dim=8,
+        mlp_hidden_dim=32, bottleneck_dim=8, num_classes=1000, frequency_embedding_dim=16, with_v_head=False,
+    )
+    return PMFPipeline(
+        transformer, PMFScheduler(), id2label=load_imagenet_id2label(),
+        default_guidance_scale=8.5, default_guidance_interval=(0.1, 0.7),
+    )
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -98,19 +113,29 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def space(bundled_dir, broken_dir):
-    """(app module, demo, url, client) for the Space with the bundled model and a model that cannot load."""
+def space(bundled_dir, broken_dir, tmp_path_factory):
+    """(app module, demo, url, client) for the Space with the bundled model, a model that cannot load, and an
+    official size that is not converted yet (its cache folder points to an empty directory)."""
     from gradio_client import Client
 
     app = _load("pmf_space_app", "app.py")
-    demo = app.build_demo(models={"bundled": app.load_bundled_pipeline, "broken": str(broken_dir)})
-    _, url, _ = demo.launch(
-        server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True, css=app.CSS
-    )
-    try:
-        yield app, demo, url, Client(url, verbose=False)
-    finally:
-        demo.close()
+    empty_cache = tmp_path_factory.mktemp("converted")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(app, "default_cache_dir", lambda: empty_cache)
+        models = {
+            "bundled": app.load_bundled_pipeline,
+            "broken": str(broken_dir),
+            "pMF-B/16": "pMF-B/16",
+            "imagenet-tiny": _tiny_imagenet_pipeline,
+        }
+        demo = app.build_demo(models=models)
+        _, url, _ = demo.launch(
+            server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True, css=app.CSS
+        )
+        try:
+            yield app, demo, url, Client(url, verbose=False)
+        finally:
+            demo.close()
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +237,7 @@ BAD_REQUESTS = {
     "seed not a number": (dict(seed="abc"), "`seed` must be a finite number"),
     "unknown model": (dict(model="pMF-Z/99"), "Unknown model 'pMF-Z/99'"),
     "model that cannot load": (dict(model="broken"), "Could not load broken"),
+    "official size not loaded yet": (dict(model="pMF-B/16"), "pMF-B/16 is not loaded yet"),
 }
 
 
@@ -237,10 +263,44 @@ def test_failed_model_load_keeps_the_previous_model(space, pipe):
         client.predict("nope", "bundled", api_name="/load_model")
 
 
+def test_switching_to_an_imagenet_model_updates_classes_and_guidance(space):
+    *_, client = space
+    status, active, _, classes, omega, t_min, t_max = client.predict(  # (example columns are not API outputs)
+        "imagenet-tiny", "bundled", api_name="/load_model"
+    )
+    assert status.startswith("**Ready:**") and "1000 classes" in status and active == "imagenet-tiny"
+    assert len(classes["choices"]) == 1000 and classes["value"][0] == "207: golden retriever"
+    assert (omega["value"], t_min["value"], t_max["value"]) == (8.5, 0.1, 0.7)  # the model's recommended values
+    gallery, _, timing, _ = client.predict(
+        ["207: golden retriever", "otter", "387"], 0, False, 8.5, 0.1, 0.7, 1, 1, active, api_name="/generate"
+    )
+    assert [item["caption"].split(":")[0] for item in gallery] == ["207", "360", "387"]
+    assert "imagenet-tiny" in timing
+    with pytest.raises(Exception, match="ambiguous"):  # "crane" is both a bird (134) and a machine (517)
+        client.predict(["crane"], 0, False, 8.5, 0.1, 0.7, 1, 1, active, api_name="/generate")
+
+
+def test_model_list_offline_and_gpu_decorator_fallback(space, monkeypatch):
+    app, *_ = space
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert app.hub_reachable() is False
+    monkeypatch.setattr(app, "_official_cached", lambda name: name == "pMF-L/16")
+    assert list(app.default_models()) == ["bundled", "pMF-L/16"]  # offline: only what is cached
+    if importlib.util.find_spec("spaces") is None:  # off ZeroGPU the decorator changes nothing
+
+        def function():
+            return 1
+
+        assert app.GPU(function) is function and app.GPU(duration=5)(function) is function
+
+
 # --- headless Chromium ---
 def _browser():
     screenshot = _load("pmf_space_screenshot", "screenshot.py")
     if screenshot.find_chromium() is None:
+        # In CI (.ci/run installs chromium) a missing browser is a failure, never a silent skip.
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed although CI=true: .ci/run should have installed it")
         pytest.skip("chromium is not installed (`apt-get install -y chromium`; .ci/run does it)")
     return screenshot
 

@@ -22,12 +22,13 @@ It travels in its own file instead, next to the LoRA file:
 the LoRA through peft, then swaps in the class table and the pipeline's `id2label`. Other tools that only know the
 LoRA file still load it, but without the new classes.
 
-Training-side helpers: [`add_pmf_lora`], [`replace_class_table`], [`read_label_set`], [`label_set_index`],
+Training-side helpers: [`init_v_head_from_u_head`], [`add_pmf_lora`], [`replace_class_table`], [`read_label_set`], [`label_set_index`],
 [`pmf_base_model_info`], [`save_pmf_lora`], [`load_pmf_lora_state`]; the target presets are [`PMF_LORA_TARGETS`].
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -172,6 +173,7 @@ def add_pmf_lora(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"LoRA dropout must lie in [0, 1), got {dropout!r}.")
     target_modules = resolve_lora_targets(transformer, targets)
+    _check_v_head_trainable(transformer)
 
     table_was_replaced = hasattr(transformer, "_pmf_base_num_classes")
     transformer.requires_grad_(False)
@@ -182,6 +184,43 @@ def add_pmf_lora(
     if train_class_embeddings or table_was_replaced:
         transformer.class_embedder.weight.requires_grad_(True)
     return [name for name, param in transformer.named_parameters() if param.requires_grad]
+
+
+def init_v_head_from_u_head(transformer: nn.Module) -> None:
+    """Give a model whose checkpoint has no v-head (the released pMF checkpoints) a v-head copied from its u-head.
+
+    The objective trains the v-head on the guided velocity v_g, and the u-head at h = t − r = 0 (the flow-matching
+    half of every batch, V = u) on the same target with the same inputs, so u-head(z, t, r = t) is what the v-head
+    should output: the copy makes the guidance targets right from step 0. Without it the v-head starts from the
+    official init (zero output layer: v_c = v_u, so the guidance term vanishes and the u-head drifts towards
+    unguided targets until the v-head has learned), or, when loaded with `from_pretrained(..., with_v_head=True)`
+    and the default `low_cpu_mem_usage=True`, as meta tensors that cannot be trained at all.
+
+    Call it right after loading the pretrained transformer, before [`add_pmf_lora`].
+    """
+    if not getattr(transformer.config, "with_v_head", False):
+        raise ValueError("The transformer has no v-head: load it with `with_v_head=True` for training.")
+    if getattr(transformer, "peft_config", None):
+        raise ValueError("Call `init_v_head_from_u_head` before adding LoRA adapters (`add_pmf_lora`).")
+    transformer.v_head_blocks = copy.deepcopy(transformer.u_head_blocks)
+    transformer.v_norm_out = copy.deepcopy(transformer.u_norm_out)
+    transformer.v_proj_out = copy.deepcopy(transformer.u_proj_out)
+
+
+def _check_v_head_trainable(transformer: nn.Module) -> None:
+    if not getattr(transformer.config, "with_v_head", False):
+        return
+    v_params = [param for name, param in transformer.named_parameters() if _is_v_head_module(name)]
+    if any(param.is_meta for param in v_params):
+        raise ValueError(
+            "The v-head has meta (unloaded) weights: the checkpoint has no v-head and was loaded with "
+            "`low_cpu_mem_usage=True`. Call `init_v_head_from_u_head(transformer)` first."
+        )
+    if not transformer.v_proj_out.weight.detach().abs().max() > 0:
+        logger.warning(
+            "The v-head output layer is zero (an untrained v-head): the objective's guidance targets will be "
+            "unguided until it learns. For a released checkpoint, call `init_v_head_from_u_head(transformer)` first."
+        )
 
 
 def _install_class_table(transformer: nn.Module, table: torch.Tensor, trainable: bool) -> nn.Embedding:

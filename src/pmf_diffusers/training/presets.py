@@ -176,7 +176,7 @@ TRAINING_PRESETS["tiny-test"] = TrainingPreset(
     },
     loss=PMFLossConfig(p_mean=0.0, p_std=1.0, **_SMALL_LOSS),
     global_batch_size=8,
-    learning_rate=1e-3,
+    learning_rate=3e-3,
     export_ema_kimg=500.0,
     guidance_scale=1.0,
     guidance_interval=(0.0, 1.0),

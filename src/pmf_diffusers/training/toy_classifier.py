@@ -63,14 +63,14 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
 
 
 class ToyClassifier(nn.Module):
-    """Small CNN: 5 conv blocks (2 max-pools) + global average pooling + linear.
+    """Small CNN: 4 conv blocks (conv-BN-ReLU, 2 max-pools) + global average pooling + linear.
 
     Inputs are ``(N, 3, H, W)`` float tensors in ``[-1, 1]``; any ``H, W`` ≥ 8
-    works (trained at 32, fine at 64 thanks to global pooling). About 0.1 M
-    parameters at ``width=32``.
+    works (trained at 32, fine at 64 thanks to global pooling). About 75 k
+    parameters and 11 MMACs per 32×32 image at ``width=24``.
     """
 
-    def __init__(self, num_classes: int = 10, width: int = 32, class_names: Sequence[str] | None = None):
+    def __init__(self, num_classes: int = 10, width: int = 24, class_names: Sequence[str] | None = None):
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"got {len(class_names)} class names for {num_classes} classes")
@@ -80,7 +80,6 @@ class ToyClassifier(nn.Module):
         w = self.width
         self.features = nn.Sequential(
             _conv_block(3, w),
-            _conv_block(w, w),
             nn.MaxPool2d(2),
             _conv_block(w, 2 * w),
             _conv_block(2 * w, 2 * w),
@@ -280,7 +279,7 @@ def train_toy_classifier(
     batch_size: int = 64,
     lr: float = 3e-3,
     weight_decay: float = 5e-4,
-    width: int = 32,
+    width: int = 24,
     image_size: int | None = None,
     augment: bool = True,
     label_smoothing: float = 0.05,
