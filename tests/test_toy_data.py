@@ -26,6 +26,7 @@ from pmf_diffusers.training.toy_data import (
     TOY_CLASS_NAMES,
     generate_toy_arrays,
     make_toy_dataset,
+    main as toy_data_main,
     render_toy_image,
     save_image_grid,
 )
@@ -127,29 +128,27 @@ def test_non_empty_folder_is_refused(tmp_path):
     assert json.loads((toy / "metadata.json").read_text())["seed"] == 3
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
+def test_cli_help():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "pmf_diffusers.training.toy_data", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
+    r = subprocess.run(
+        [sys.executable, "-m", "pmf_diffusers.training.toy_data", "--help"],
+        capture_output=True, text=True, env=env, timeout=120,
     )
-
-
-def test_cli(tmp_path):
-    r = _cli("--help")
-    assert r.returncode == 0
+    assert r.returncode == 0, r.stderr
     for text in ("--images-per-class", "--size", "--seed", "--overwrite", "examples:", "00_red_circle"):
         assert text in r.stdout
+
+
+def test_cli_main(tmp_path, capsys):
     out = tmp_path / "cli"
-    r = _cli(str(out), "--images-per-class", "2", "--size", "16", "--seed", "4", "--grid", str(tmp_path / "g.png"))
-    assert r.returncode == 0, r.stderr
+    args = [str(out), "--images-per-class", "2", "--size", "16", "--seed", "4", "--grid", str(tmp_path / "g.png")]
+    assert toy_data_main(args) == 0
     assert _files(out) == _files(make_toy_dataset(tmp_path / "api", images_per_class=2, size=16, seed=4))
     assert (tmp_path / "g.png").is_file()
-    r = _cli(str(out), "--images-per-class", "2")
-    assert r.returncode == 2 and "not empty" in r.stderr and "Traceback" not in r.stderr
+    capsys.readouterr()
+    assert toy_data_main([str(out), "--images-per-class", "2"]) == 2  # non-empty folder: one-line error
+    err = capsys.readouterr().err
+    assert "not empty" in err and len(err.strip().splitlines()) == 1
 
 
 def test_save_image_grid(tmp_path):
@@ -173,7 +172,7 @@ def test_save_image_grid(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = make_toy_dataset(tmp_path_factory.mktemp("toy") / "train", images_per_class=100, seed=0, progress=False)
-    clf = train_toy_classifier(root, epochs=6, seed=0)
+    clf = train_toy_classifier(root, epochs=6, seed=0, num_threads=1)
     heldout = generate_toy_arrays(30, 32, seed=1)  # a fresh split: different seed
     return clf, heldout
 
@@ -222,9 +221,7 @@ def test_classifier_save_load_roundtrip(trained, tmp_path):
 
 def test_classifier_training_is_deterministic():
     data = generate_toy_arrays(8, 32, seed=2)
-    a = train_toy_classifier(data, epochs=1, seed=3, batch_size=32)
-    b = train_toy_classifier(data, epochs=1, seed=3, batch_size=32)
-    c = train_toy_classifier(data, epochs=1, seed=4, batch_size=32)
+    a, b, c = (train_toy_classifier(data, epochs=1, seed=s, batch_size=32, num_threads=1) for s in (3, 3, 4))
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)

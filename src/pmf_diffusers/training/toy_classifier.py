@@ -286,6 +286,7 @@ def train_toy_classifier(
     outlier_exposure: float = 0.5,
     val_fraction: float = 0.0,
     progress: bool = False,
+    num_threads: int | None = None,
 ) -> ToyClassifier:
     """Train a :class:`ToyClassifier` on real toy images and return it (in eval mode).
 
@@ -301,7 +302,21 @@ def train_toy_classifier(
     LOW confidence instead of a confident arbitrary class; combine with
     ``evaluate_per_class_accuracy(..., min_confidence=0.5)``. A summary (time, final
     loss, validation accuracy) is stored in ``classifier.training_summary``.
+
+    ``num_threads`` temporarily sets ``torch.set_num_threads`` during training
+    (1 is often fastest on a small, busy CPU; ``None`` keeps the current setting).
     """
+    if num_threads is not None:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(int(num_threads))
+        try:
+            return train_toy_classifier(
+                data, epochs, seed, device, batch_size=batch_size, lr=lr, weight_decay=weight_decay, width=width,
+                image_size=image_size, augment=augment, label_smoothing=label_smoothing,
+                outlier_exposure=outlier_exposure, val_fraction=val_fraction, progress=progress, num_threads=None,
+            )
+        finally:
+            torch.set_num_threads(previous)
     t0 = time.perf_counter()
     device = torch.device(device)
     x, y, class_names = _load_training_data(data, image_size)
@@ -369,7 +384,7 @@ def train_toy_classifier(
         "outlier_exposure": float(outlier_exposure),
     }
     if x_val is not None:
-        summary["val_accuracy"] = float((model.predict(x_val) == y_val).float().mean())
+        summary["val_accuracy"] = float((model.predict(x_val) == y_val).double().mean())
         summary["num_val_images"] = len(x_val)
     summary["train_seconds"] = round(time.perf_counter() - t0, 2)
     model.training_summary = summary
@@ -402,7 +417,7 @@ def evaluate_per_class_accuracy(
     pred = proba.argmax(dim=1)
     if min_confidence > 0:
         pred = torch.where(proba.max(dim=1).values >= min_confidence, pred, torch.full_like(pred, -1))
-    return {int(c): float((pred[y == c] == c).float().mean()) for c in torch.unique(y).tolist()}
+    return {int(c): float((pred[y == c] == c).double().mean()) for c in torch.unique(y).tolist()}
 
 
 # --------------------------------------------------------------------------- save / load
