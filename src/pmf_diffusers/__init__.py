@@ -1,16 +1,37 @@
-"""pmf-diffusers: pixel MeanFlow (one-step, latent-free image generation) for the Hugging Face stack."""
+"""pmf-diffusers: pixel MeanFlow (one-step, latent-free image generation) for the Hugging Face stack.
 
-from .models import PMFTransformer2DModel, PMFTransformer2DModelOutput
-from .pipelines import PMFPipeline, load_imagenet_id2label
-from .schedulers import PMFScheduler, PMFSchedulerOutput
+Public names are imported lazily so that `pmf --help` does not pay for importing diffusers; importing any of them
+(e.g. `from pmf_diffusers import PMFPipeline`) loads the model, scheduler and pipeline modules together, which is
+what diffusers needs to resolve the components named in a saved `model_index.json`.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "PMFPipeline",
-    "PMFScheduler",
-    "PMFSchedulerOutput",
-    "PMFTransformer2DModel",
-    "PMFTransformer2DModelOutput",
-    "load_imagenet_id2label",
-]
+_EXPORTS = {
+    "PMFPipeline": "pipelines.pipeline_pmf",
+    "load_imagenet_id2label": "pipelines.pipeline_pmf",
+    "PMFScheduler": "schedulers.scheduling_pmf",
+    "PMFSchedulerOutput": "schedulers.scheduling_pmf",
+    "PMFTransformer2DModel": "models.transformer_pmf",
+    "PMFTransformer2DModelOutput": "models.transformer_pmf",
+    "convert_official_state_dict": "conversion",
+    "load_official": "conversion",
+    "load_bundled_pipeline": "bundled",
+    "bundled_model_path": "bundled",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pmf_diffusers' has no attribute {name!r}")
+    # The pipeline module imports the model and scheduler modules, so all three land in sys.modules.
+    module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+    return getattr(module, name)
+
+
+def __dir__():
+    return __all__ + ["__version__"]

@@ -22,8 +22,9 @@ It travels in its own file instead, next to the LoRA file:
 the LoRA through peft, then swaps in the class table and the pipeline's `id2label`. Other tools that only know the
 LoRA file still load it, but without the new classes.
 
-Training-side helpers: [`init_v_head_from_u_head`], [`add_pmf_lora`], [`replace_class_table`], [`read_label_set`], [`label_set_index`],
-[`pmf_base_model_info`], [`save_pmf_lora`], [`load_pmf_lora_state`]; the target presets are [`PMF_LORA_TARGETS`].
+Training-side helpers: [`init_v_head_from_u_head`], [`add_pmf_lora`], [`replace_class_table`], [`read_label_set`],
+[`label_set_index`], [`pmf_base_model_info`], [`save_pmf_lora`], [`load_pmf_lora_state`]; the target presets are
+[`PMF_LORA_TARGETS`].
 """
 
 from __future__ import annotations
