@@ -4,7 +4,8 @@
 
     accelerate launch examples/train_pmf.py --preset toy-cpu --train_data_dir data/toy --output_dir runs/toy
 
-One script for one CPU, one GPU or many (DDP; configure with `accelerate config` or `accelerate launch` flags). See
+One script for one CPU, one GPU or many (DDP; configure with `accelerate config` or `accelerate launch` flags; FSDP and
+DeepSpeed are refused with an explanation, as the objective needs replicated weights). See
 `--help` for every option and worked examples. The objective, optimizer, EMA, data transforms and presets live in
 `pmf_diffusers.training` (this file only wires them together, diffusers-example style).
 """
@@ -12,6 +13,7 @@ One script for one CPU, one GPU or many (DDP; configure with `accelerate config`
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import logging
@@ -99,10 +101,11 @@ presets (model shape + training recipe + sampling defaults; every value can be o
 {presets}
 
 examples:
-  # 0. a toy dataset (10 classes of coloured shapes, 32x32) and a CPU run (~20 min on 2 cores)
+  # 0. a toy dataset (10 classes of coloured shapes, 32x32) and a CPU run (1500 steps, ~20 min on 2 idle cores;
+  #    --max_train_minutes caps the time; on a machine shared with other jobs OMP_NUM_THREADS=1 is much faster)
   python -m pmf_diffusers.training.toy_data data/toy --images-per-class 200
   accelerate launch --cpu --num_processes 1 examples/train_pmf.py --preset toy-cpu \
-      --train_data_dir data/toy --output_dir runs/toy-cpu
+      --train_data_dir data/toy --output_dir runs/toy-cpu --max_train_minutes 25
 
   # 1. ImageNet-1k 256px, pMF-B/16, 8 GPUs, official recipe (global batch 1024 = 8 x 128, lr 1e-3, 320 epochs;
   #    LPIPS/ConvNeXt weights must be available: see the --vgg_path / --convnext_path help). ImageNet holds a few
@@ -116,8 +119,9 @@ examples:
   # 2. resume after an interruption (same command + --resume_from_checkpoint; `latest` picks the newest complete one)
   accelerate launch ... examples/train_pmf.py <same arguments> --resume_from_checkpoint latest
 
-  # 3. fine-tune converted official weights (`pmf convert` / pmf_diffusers.load_official) on your own classes-subset
-  #    of ImageNet; the released files have no v-head, so one is added as a copy of the u-head (--v_head_init copy)
+  # 3. fine-tune converted official weights on your own data (here an ImageNet subset with the 1000 class folders);
+  #    the released files have no v-head, so one is added as a copy of the u-head (--v_head_init copy)
+  pmf convert pMF-B/16 checkpoints/pMF-B-16          # downloads Lyy0725/pMF and writes a PMFPipeline folder
   accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 examples/train_pmf.py \
       --pretrained_model checkpoints/pMF-B-16 --preset pMF-B/16 --train_data_dir /data/my_imagenet_subset \
       --allow_upscale --learning_rate 1e-4 --max_train_steps 20000 --output_dir runs/pmf-b16-ft
@@ -273,6 +277,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--num_train_epochs", type=int, default=None, help="Epochs (official 320).")
     group.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs.")
     group.add_argument(
+        "--max_train_minutes", type=float, default=None,
+        help="Wall-clock budget: stop after the first step past it (then sample, export, push as usual). Handy for "
+        "time-boxed CPU demos; the stopping step depends on the machine's speed.",
+    )
+    group.add_argument(
         "--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
         help="Autocast precision (default: the accelerate config). bf16 recommended on GPUs; weights and EMA stay fp32 "
         "and the JVP runs in fp32.",
@@ -327,7 +336,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
 
     group = parser.add_argument_group("checkpoints")
-    group.add_argument("--checkpointing_steps", type=int, default=None, help="Save the training state every N steps.")
+    group.add_argument("--checkpointing_steps", type=int, default=None, help="Save the training state every N steps (and at the end); 0 = never.")
     group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints.")
     group.add_argument(
         "--resume_from_checkpoint", type=str, default=None,
@@ -589,6 +598,37 @@ def resolve_id2label(class_names: list[str], pretrained_id2label: dict | None) -
     return dict(enumerate(class_names))
 
 
+def _is_repo_id(text: str | None) -> bool:
+    return bool(text) and re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and not Path(text).exists()
+
+
+def model_card_info(args, data, preset: TrainingPreset, loss_config: PMFLossConfig, resolved: dict, step: int) -> dict:
+    """Training facts for the model card (`pmf_diffusers.hub.push_pipeline_to_hub(card_info=...)`); no tokens, no
+    local paths in the metadata."""
+    recipe = {
+        "preset": preset.name,
+        "training steps": step,
+        "global batch": resolved["global_batch_size"],
+        "learning rate": resolved["learning_rate"],
+        "optimizer": f"Muon + Adam (b2 {resolved['adam_beta2']:g})",
+        "EMA half-lives (kimg)": ", ".join(f"{h:g}" for h in resolved["ema_half_lives_kimg"]) or "none",
+        "exported EMA (kimg)": "raw weights" if resolved["export_ema_kimg"] is None else f"{resolved['export_ema_kimg']:g}",
+        "mixed precision": resolved["mixed_precision"],
+    }
+    recipe.update({k: v for k, v in loss_config.to_dict().items() if k not in ("min_time", "jvp_in_fp32")})
+    info = {
+        "dataset": args.dataset_name if args.dataset_name else f"image folder `{Path(args.train_data_dir).name}`",
+        "training_steps": step,
+        "recipe": recipe,
+        "command": args.command_line,
+    }
+    if _is_repo_id(args.dataset_name):
+        info["datasets"] = [args.dataset_name]
+    if _is_repo_id(args.pretrained_model):
+        info["base_model"] = args.pretrained_model
+    return info
+
+
 def export_pipeline(
     destination: Path,
     accelerator: Accelerator,
@@ -732,11 +772,12 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
     else:
         datasets.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
-    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU,
-                                            DistributedType.MULTI_XPU, DistributedType.MULTI_NPU, DistributedType.MULTI_MLU):
-        logger.warning(
-            f"Distributed type {accelerator.distributed_type} is untested with this script (DDP is tested): the EMA "
-            "is kept per process and checkpointed from the main process, which is only correct for replicated weights."
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise TrainingSetupError(
+            f"{accelerator.distributed_type} is not supported yet: pmf_loss runs its no-grad target pass and JVP on the "
+            "unwrapped transformer, which needs the full (replicated) weights on every process, and the EMA is kept "
+            "per process. Use data parallelism (`accelerate launch --multi_gpu`, i.e. DDP); --gradient_checkpointing, "
+            "--mixed_precision bf16 and a smaller --train_batch_size with --gradient_accumulation_steps save memory."
         )
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -777,13 +818,14 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
         from pmf_diffusers.training.perceptual import PerceptualLoss, PerceptualWeightsNotFoundError
 
         try:
-            perceptual = PerceptualLoss.from_pretrained(
-                lpips=loss_config.lpips_lambda > 0,
-                convnext=loss_config.convnext_lambda > 0,
-                vgg_path=args.vgg_path,
-                lpips_weights_path=args.lpips_weights_path,
-                convnext_path=args.convnext_path,
-            )
+            with accelerator.main_process_first():  # one download, then the other processes read the cache
+                perceptual = PerceptualLoss.from_pretrained(
+                    lpips=loss_config.lpips_lambda > 0,
+                    convnext=loss_config.convnext_lambda > 0,
+                    vgg_path=args.vgg_path,
+                    lpips_weights_path=args.lpips_weights_path,
+                    convnext_path=args.convnext_path,
+                )
         except PerceptualWeightsNotFoundError as err:
             raise PerceptualWeightsNotFoundError(
                 f"{err}\nTo train without the perceptual losses pass --no_perceptual (or --lpips_lambda 0 "
@@ -847,7 +889,7 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
 
         stream = data.dataset.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
         stream = split_dataset_by_node(stream, rank=rank, world_size=world)  # accelerate must not shard this again
-        train_dataloader, sampler = None, None
+        train_dataloader = None
     else:
         if data.num_examples < global_batch // args.gradient_accumulation_steps:
             raise DatasetError(
@@ -937,6 +979,9 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
     data_state = {"epoch": 0, "batches_in_epoch": 0}
     if resume_path is not None:
         meta = check_checkpoint_compatible(resume_path, model_config, ema_keys)
+        if meta.get("seed") not in (None, args.seed):
+            logger.warning(f"{resume_path} was trained with --seed {meta['seed']}, this run has --seed {args.seed}: the "
+                           "objective draws keep the checkpoint's seed, the data order follows --seed.")
         if meta.get("num_processes") not in (None, world):
             logger.warning(f"{resume_path} was written by {meta['num_processes']} process(es), this run has {world}: "
                            "the data order and objective draws will differ from an uninterrupted run.")
@@ -1031,17 +1076,20 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
                 "transformer_config": model_config,
                 "ema_keys": ema_keys,
                 "num_processes": world,
+                "seed": args.seed,
                 "preset": preset.name,
                 "loss_config": loss_config.to_dict(),
                 "command": args.command_line,
             }
             (tmp / CHECKPOINT_MARKER).write_text(json.dumps(meta, indent=2, default=str) + "\n")  # written last
             if final.exists():
+                (final / CHECKPOINT_MARKER).unlink(missing_ok=True)
                 shutil.rmtree(final)
             os.replace(tmp, final)
             if args.checkpoints_total_limit is not None:
                 for old in complete_checkpoints(output_dir)[: -max(args.checkpoints_total_limit, 1)]:
                     logger.info(f"Removing old checkpoint {old} (--checkpoints_total_limit {args.checkpoints_total_limit})")
+                    (old / CHECKPOINT_MARKER).unlink(missing_ok=True)  # first: a half-deleted folder is never "complete"
                     shutil.rmtree(old, ignore_errors=True)
             logger.info(f"Saved {final}")
         accelerator.wait_for_everyone()
@@ -1062,8 +1110,8 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
         while True:
             epoch, skip = data_state["epoch"], data_state["batches_in_epoch"]
             if data.streaming:
-                stream.set_epoch(epoch)
                 source = stream.skip(skip * per_device_batch) if skip else stream
+                source.set_epoch(epoch)  # the shuffle buffer's seed is seed + epoch
                 loader = torch.utils.data.DataLoader(
                     source, batch_size=per_device_batch, collate_fn=collator, num_workers=args.dataloader_num_workers,
                     drop_last=True,
@@ -1082,10 +1130,10 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
 
     progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
-    history: list[dict] = []
+    history: collections.deque = collections.deque(maxlen=10_000)  # recent steps, returned to callers (tests)
     corrupt_seen: dict[str, int] = {}
     corrupt_total = 0
-    step_start = time.perf_counter()
+    step_start = train_start = time.perf_counter()
     images_this_step = 0.0
     micro_step = 0
     last_validation = None
@@ -1168,9 +1216,19 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
                 save_checkpoint(global_step)
             if global_step >= max_train_steps:
                 break
+            if args.max_train_minutes is not None:
+                over = torch.tensor(float(time.perf_counter() - train_start > 60 * args.max_train_minutes),
+                                    device=accelerator.device)
+                if accelerator.reduce(over, "sum").item() > 0:  # every process stops at the same step
+                    logger.info(f"--max_train_minutes {args.max_train_minutes} reached at step {global_step}.")
+                    break
     progress_bar.close()
 
-    # ---- end: samples, export, hub --------------------------------------------------------------------------------
+    # ---- end: final checkpoint (so a time-boxed or shortened run can be continued), samples, export, hub ----------
+    if checkpointing_steps and global_step > 0 and global_step % checkpointing_steps and (
+        last_checkpoint[0] is None or checkpoint_step(last_checkpoint[0]) != global_step
+    ):
+        save_checkpoint(global_step)
     if last_validation != global_step:
         run_validation(global_step)
     pipeline_dir = export_pipeline(output_dir / "pipeline", accelerator, model, ema, ema_key, loss_config.noise_scale,
@@ -1190,15 +1248,16 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
             str(pipeline_dir),
             args.hub_model_id,
             private=args.hub_private,
-            token=None,
+            token=None,  # huggingface_hub's usual sources (HF_TOKEN, `hf auth login`); never passed on the CLI
             commit_message=f"pMF training: step {global_step}",
-            training_args=training_args,
+            card_kind="trained",
+            card_info=model_card_info(args, data, preset, loss_config, resolved, global_step),
         )
     accelerator.wait_for_everyone()
     logger.info(f"Done at step {global_step}; pipeline in {output_dir / 'pipeline'}")
     return {
         "global_step": global_step,
-        "history": history,
+        "history": list(history),
         "pipeline_dir": output_dir / "pipeline",
         "last_checkpoint": last_checkpoint[0],
         "corrupt_images": dict(corrupt_seen),

@@ -154,10 +154,17 @@ def test_learns_exports_logs_and_pushes(tmp_path, toy4, hf_cache, monkeypatch):
     assert "train_pmf.py" in saved["command"] and "--hub_model_id someone/pmf-tiny" in saved["command"]
     assert saved["resolved"]["global_batch_size"] == 8 and saved["resolved"]["preset"] == "tiny-test"
 
-    # Hub push.
-    assert pushed["folder"] == str(out / "pipeline") and pushed["repo_id"] == "someone/pmf-tiny"
-    assert pushed["private"] is True and pushed["token"] is None
-    assert not any("token" in key for key in pushed["training_args"]["args"])
+    # Hub push: the arguments the script passes are accepted by the real pmf_diffusers.hub (dry run, offline).
+    assert pushed.pop("folder") == str(out / "pipeline") and pushed.pop("repo_id") == "someone/pmf-tiny"
+    assert pushed["private"] is True and pushed["token"] is None and pushed["card_kind"] == "trained"
+    assert pushed["card_info"]["training_steps"] == 80 and "--hub_model_id" in pushed["card_info"]["command"]
+    monkeypatch.undo()
+    from pmf_diffusers.hub import push_pipeline_to_hub
+
+    staged = push_pipeline_to_hub(str(out / "pipeline"), "someone/pmf-tiny", **pushed, dry_run=True,
+                                  staging_dir=tmp_path / "stage")
+    card = (tmp_path / "stage" / "README.md").read_text()
+    assert staged.card_kind == "trained" and "tiny-test" in card and "train_pmf.py" in card
 
 
 # ----------------------------------------------------------------------------------------------------- resume
@@ -170,15 +177,17 @@ def _params_and_emas(result):
 
 
 def test_resume_is_bit_for_bit(tmp_path, toy4, hf_cache):
-    """12 straight steps (8 batches/epoch, checkpoints every 6, a validation at 6) == 6 steps + resume to 12, via
-    `--resume_from_checkpoint latest` that must ignore an interrupted `.tmp-checkpoint-*` save."""
-    common = ("--checkpointing_steps", "6", "--checkpoints_total_limit", "2", "--validation_steps", "6")
+    """12 straight steps (8 batches/epoch, checkpoints every 3 with exports, at most 2 kept, a validation at 6) ==
+    6 steps + resume to 12, via `--resume_from_checkpoint latest`, which must ignore an interrupted save."""
+    common = ("--checkpointing_steps", "3", "--checkpoints_total_limit", "2", "--validation_steps", "6",
+              "--export_at_checkpoints")
     straight = run(tmp_path / "straight", toy4, hf_cache, *common, steps=12)
-    assert sorted(p.name for p in (tmp_path / "straight").glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-6"]
+    assert sorted(p.name for p in (tmp_path / "straight").glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-9"]
+    assert PMFPipeline.from_pretrained(tmp_path / "straight" / "checkpoint-9" / "pipeline").transformer.config.num_classes == 4
 
     resumed_dir = tmp_path / "resumed"
-    resumed_dir.mkdir()
-    shutil.copytree(tmp_path / "straight" / "checkpoint-6", resumed_dir / "checkpoint-6")
+    first_half = run(resumed_dir, toy4, hf_cache, *common, steps=6)  # checkpoint-6 is also written by this run
+    assert first_half["global_step"] == 6
     (resumed_dir / ".tmp-checkpoint-9").mkdir()  # an interrupted save: never picked, cleaned up
     (resumed_dir / ".tmp-checkpoint-9" / "model.safetensors").write_bytes(b"partial")
     resumed = run(resumed_dir, toy4, hf_cache, *common, "--resume_from_checkpoint", "latest", steps=12)
@@ -193,13 +202,29 @@ def test_resume_is_bit_for_bit(tmp_path, toy4, hf_cache):
     assert [h["loss_u"] for h in straight["history"][6:]] == [h["loss_u"] for h in resumed["history"]]
 
 
-def test_streaming_trains_and_resumes_exactly(tmp_path, toy4, hf_cache):
-    common = ("--streaming", "--shuffle_buffer_size", "16", "--checkpointing_steps", "5")
-    straight = run(tmp_path / "a", toy4, hf_cache, *common, steps=10)  # 8 batches per pass: crosses an epoch
+def test_bf16_accumulation_and_checkpointing_resume_exactly(tmp_path, toy4, hf_cache):
+    """--mixed_precision bf16 (CPU autocast), --gradient_accumulation_steps 2, --gradient_checkpointing and a warmup
+    schedule: trains, and 4 straight steps equal 2 + resume."""
+    common = ("--mixed_precision", "bf16", "--gradient_accumulation_steps", "2", "--gradient_checkpointing",
+              "--global_batch_size", "8", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "2",
+              "--checkpointing_steps", "2")
+    straight = run(tmp_path / "a", toy4, hf_cache, *common, steps=4)
+    assert [round(h["lr"], 6) for h in straight["history"]] == [0.0015, 0.003, 0.003, 0.003]
     resumed = run(tmp_path / "b", toy4, hf_cache, *common, "--resume_from_checkpoint",
-                  str(tmp_path / "a" / "checkpoint-5"), steps=10)
-    assert json.loads((tmp_path / "a" / "checkpoint-5" / "data_state_rank0.json").read_text()) == {
-        "epoch": 0, "batches_in_epoch": 5}
+                  str(tmp_path / "a" / "checkpoint-2"), steps=4)
+    assert all(torch.equal(a, b) for a, b in zip(straight["model"].parameters(), resumed["model"].parameters()))
+    assert straight["model"].dtype == torch.float32  # weights stay fp32 under autocast
+
+
+def test_streaming_trains_and_resumes_exactly(tmp_path, toy4, hf_cache):
+    """--streaming (8 batches per pass): resume inside the second pass, whose shuffle order differs from the first."""
+    common = ("--streaming", "--shuffle_buffer_size", "16", "--checkpointing_steps", "10")
+    straight = run(tmp_path / "a", toy4, hf_cache, *common, steps=13)
+    assert json.loads((tmp_path / "a" / "checkpoint-10" / "data_state_rank0.json").read_text()) == {
+        "epoch": 1, "batches_in_epoch": 2}
+    resumed = run(tmp_path / "b", toy4, hf_cache, *common, "--resume_from_checkpoint",
+                  str(tmp_path / "a" / "checkpoint-10"), steps=13)
+    assert resumed["global_step"] == 13 and len(resumed["history"]) == 3
     assert all(torch.equal(a, b) for a, b in zip(straight["model"].parameters(), resumed["model"].parameters()))
 
 
