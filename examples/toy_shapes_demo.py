@@ -132,9 +132,16 @@ def export_bundled(pipe, pipeline_dir: Path, train_dir: Path, target: Path, repo
     """Copy the exported pipeline into the package with a model card naming the exact reproduction command."""
     from pmf_diffusers.hub import render_model_card
 
+    from pmf_diffusers.training.toy_data import TOY_CLASS_NAMES
+
     if target.exists():
         shutil.rmtree(target)
-    shutil.copytree(pipeline_dir, target, ignore=shutil.ignore_patterns("README.md", "*.png"))
+    # Readable names (the training folders carry a sort prefix, e.g. "00_red_circle"); every form stays accepted.
+    pipe.set_id2label({
+        class_id: f"{name.replace('_', ' ')}, {name}, {pipe.id2label[class_id]}"
+        for class_id, name in enumerate(TOY_CLASS_NAMES)
+    })
+    pipe.save_pretrained(target, safe_serialization=True)
     training_args = json.loads((train_dir / "training_args.json").read_text())
     accuracy = report["sample_accuracy_confident"]
     card = render_model_card(

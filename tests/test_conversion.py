@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REFERENCE_DIR, load_reference, make_pipeline, max_rel_err, needs_reference, official_state_dict
+from conftest import REFERENCE_DIR, load_reference, max_rel_err, needs_reference, official_state_dict
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -186,17 +186,232 @@ def _cmd_convert(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# pmf generate
+# --------------------------------------------------------------------------------------------------------------
+GENERATE_EPILOG = """\
+--model is one of
+  * bundled (default): the small toy-shapes model shipped inside the package (10 classes, 32x32; works offline);
+  * a local PMFPipeline folder (pipe.save_pretrained / pmf convert / train_pmf.py output);
+  * an official size name (pMF-B/16 ... pMF-H/32): the released weights, downloaded and converted once, cached;
+  * a Hub repo id (namespace/name) of a PMFPipeline.
+
+examples:
+  pmf generate                                             # every class of the bundled model, seed 0
+  pmf generate --class-labels red_circle purple_star --images-per-class 4 --seed 7
+  pmf generate --model pMF-B/16 --class-labels "golden retriever" 360 --dtype bf16 --device cuda
+  pmf generate --model ./pmf-b-16 --class-labels 207 --guidance-scale 7.5 --guidance-interval 0.1 0.8
+"""
+
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+
+
+def _add_generate_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "generate",
+        parents=[_common_options()],
+        help="generate images (bundled model by default)",
+        description="Generate class-conditional images in one step with a PMFPipeline.",
+        epilog=GENERATE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", default="bundled", help="bundled | FOLDER | pMF-B/16 ... | namespace/name")
+    parser.add_argument(
+        "--class-labels", nargs="+", metavar="LABEL", default=None,
+        help="class ids or names (quote names with spaces); default: up to the first 10 classes",
+    )
+    parser.add_argument("--images-per-class", type=int, default=1, metavar="N")
+    parser.add_argument("--seed", type=int, default=0, help="image i uses a CPU generator seeded with SEED + i")
+    parser.add_argument("--guidance-scale", type=float, default=None, metavar="W", help="ω ≥ 1 (default: the model's)")
+    parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("A", "B"))
+    parser.add_argument("--steps", type=int, default=1, help="sampling steps (pMF is a one-step model)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ...")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="transformer dtype")
+    parser.add_argument("--output", type=Path, default=Path("samples"), help="folder for the PNGs")
+    parser.add_argument("--no-grid", action="store_true", help="do not write grid.png")
+    parser.add_argument("--no-images", action="store_true", help="only write grid.png")
+    parser.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def _load_pipeline(model: str, device: str, dtype_name: str):
+    import torch
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from .bundled import load_bundled_pipeline
+    from .conversion import load_official
+    from .pipelines.pipeline_pmf import PMFPipeline
+
+    dtype = getattr(torch, DTYPES[dtype_name])
+    if model == "bundled":
+        pipe = load_bundled_pipeline()
+    elif Path(model).expanduser().is_dir():
+        pipe = PMFPipeline.from_pretrained(Path(model).expanduser())
+    elif _looks_like_size_name(model):
+        pipe = load_official(model)
+    else:
+        try:
+            validate_repo_id(model)
+        except HFValidationError:
+            raise CLIError(
+                f"unknown model {model!r}: use 'bundled', a PMFPipeline folder, an official size "
+                "(pMF-B/16, pMF-B/32, pMF-L/16, pMF-L/32, pMF-H/16, pMF-H/32) or a Hub repo id namespace/name"
+            ) from None
+        if "/" not in model:
+            raise CLIError(f"unknown model {model!r}: not a folder, an official size or a Hub repo id (namespace/name)")
+        try:
+            pipe = PMFPipeline.from_pretrained(model)
+        except OSError as error:
+            raise CLIError(f"could not load {model!r} from the Hub: {' '.join(str(error).split())[:300]}") from None
+    try:
+        return pipe.to(device=device, dtype=dtype)
+    except (RuntimeError, AssertionError) as error:
+        raise CLIError(f"cannot use --device {device}: {' '.join(str(error).split())[:200]}") from None
+
+
+def _parse_labels(labels: list[str] | None, num_classes: int) -> list[int | str]:
+    if labels is None:
+        return list(range(min(num_classes, 10)))
+    return [int(label) if label.strip().isdigit() else label for label in labels]
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    text = str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _cmd_generate(args) -> int:
+    import re
+    import time
+
+    import torch
+
+    from .training.toy_data import save_image_grid
+
+    for name in ("images_per_class", "steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
+    pipe = _load_pipeline(args.model, args.device, args.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    label_ids = pipe.get_label_ids(_parse_labels(args.class_labels, pipe.num_classes))
+    label_ids = [label for label in label_ids for _ in range(args.images_per_class)]
+    if not args.no_images or not args.no_grid:
+        args.output.mkdir(parents=True, exist_ok=True)
+
+    images, start = [], time.perf_counter()
+    for first in range(0, len(label_ids), args.batch_size):
+        batch = label_ids[first : first + args.batch_size]
+        generators = [torch.Generator().manual_seed(args.seed + first + i) for i in range(len(batch))]
+        try:
+            images += pipe(
+                class_labels=batch,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance_scale,
+                guidance_interval=args.guidance_interval,
+                generator=generators,
+            ).images
+        except (RuntimeError, MemoryError) as error:
+            if _is_out_of_memory(error):
+                raise CLIError(
+                    f"a batch of {len(batch)} images does not fit in memory on {args.device}: "
+                    f"try a smaller --batch-size (e.g. {max(1, len(batch) // 4)})"
+                ) from None
+            raise
+    seconds_per_image = (time.perf_counter() - start) / len(label_ids)
+
+    written = []
+    if not args.no_images:
+        for index, (label, image) in enumerate(zip(label_ids, images)):
+            name = pipe.id2label.get(label, "unconditional" if label == pipe.num_classes else str(label))
+            slug = re.sub(r"[^a-z0-9]+", "_", name.split(",")[0].lower()).strip("_")
+            path = args.output / f"{index:04d}_class{label}_{slug}.png"
+            image.save(path)
+            written.append(path)
+    if not args.no_grid:
+        grid = save_image_grid(images, args.output / "grid.png", nrow=max(args.images_per_class, min(len(images), 10)))
+        written.append(grid)
+    where = f"{len(written)} file(s) in {args.output}" if written else "nothing (both --no-images and --no-grid)"
+    print(f"Generated {len(images)} image(s) with {args.model}; wrote {where}")
+    print(f"{seconds_per_image * 1000:.1f} ms per image ({args.steps} step(s), {args.device}, {args.dtype})")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------------------
+# pmf push / pmf eval (implemented next to the code they drive)
+# --------------------------------------------------------------------------------------------------------------
+def _add_push_parser(subparsers) -> argparse.ArgumentParser:
+    from .hub import add_push_arguments
+
+    parser = subparsers.add_parser(
+        "push",
+        parents=[_common_options()],
+        help="publish a PMFPipeline folder to the Hub (weights, card, sample grid, loader shim)",
+        description="Push a PMFPipeline folder to a Hub model repo with its model card and sample grid.",
+        epilog="examples:\n  pmf push runs/toy-cpu/pipeline me/pmf-toy --dry-run\n"
+        "  pmf push ./pmf-b-16 me/pmf-b16 --private --card-kind official",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_push_arguments(parser)
+    parser.set_defaults(func=_cmd_push)
+    return parser
+
+
+def _cmd_push(args) -> int:
+    from .hub import run_push
+
+    return EXIT_ERROR if run_push(args) else EXIT_OK
+
+
+def _add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    from .evaluation import add_eval_arguments
+
+    parser = subparsers.add_parser(
+        "eval",
+        parents=[_common_options()],
+        help="FID / IS / precision-recall of a pipeline (official pMF protocol)",
+        description="Evaluate a PMFPipeline with the official protocol (class-balanced, per-image seeds). "
+        "Multi-GPU: accelerate launch -m pmf_diffusers.cli eval ...",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_eval_arguments(parser)
+    parser.set_defaults(func=_cmd_eval)
+    return parser
+
+
+def _cmd_eval(args) -> int:
+    from .evaluation import run_eval
+
+    return run_eval(args)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Parser and entry point
 # --------------------------------------------------------------------------------------------------------------
 SUBCOMMANDS: dict[str, Callable] = {
+    "generate": _add_generate_parser,
     "convert": _add_convert_parser,
+    "push": _add_push_parser,
+    "eval": _add_eval_parser,
 }
 
 MAIN_EPILOG = """\
+what it does:
+  generate   sample images (the bundled toy model offline, official sizes, your folders or Hub repos)
+  convert    official pMF checkpoints (.pt / Flax) -> diffusers PMFPipeline folders
+  push       publish a pipeline folder to the Hub with a model card and a sample grid
+  eval       FID / IS / precision-recall with the official protocol
+  training:  accelerate launch examples/train_pmf.py --help   (full objective, LoRA, presets)
+  demo:      python spaces_app/app.py                         (Gradio Space)
+
 examples:
+  pmf generate --class-labels 0 1 2 --output samples/
+  pmf generate --model pMF-B/16 --class-labels "golden retriever" --device cuda --dtype bf16
   pmf convert pMF-B/16 ./pmf-b-16           # official checkpoint from the Hub -> diffusers folder
-  pmf convert pMF-B-16.pt ./pmf-b-16 --preset pMF-B/16
-  pmf convert --help
+  pmf push ./pmf-b-16 me/pmf-b16 --dry-run
+  pmf eval --model ./pmf-b-16 --reference-stats jit_in256_stats.npz --num-images 50000
 
 Errors are printed as one line (`pmf: error: ...`, exit code 2); add --debug for the traceback.
 """
