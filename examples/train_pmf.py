@@ -132,6 +132,11 @@ examples:
       --mixed_precision no --dynamo_backend no --main_process_port 29511 examples/train_pmf.py \
       --preset tiny-test --train_data_dir data/toy --output_dir runs/ddp --debug_dump_weights_hash
 
+  # 5. LoRA fine-tuning of converted weights on your own classes (docs/lora.md): one folder per name of labels.txt;
+  #    the base stays frozen, the export is the adapter runs/my-shapes/lora (pipe.load_lora_weights(...))
+  accelerate launch examples/train_pmf.py --pretrained_model checkpoints/pMF-B-16 --train_data_dir my_images \
+      --lora_rank 16 --new_label_set labels.txt --learning_rate 1e-4 --max_train_steps 2000 --output_dir runs/my-shapes
+
 batch size: --train_batch_size is per device (diffusers convention); --global_batch_size is the official notion
 (images per optimizer step over all processes and accumulation steps) and must be divisible by
 num_processes x gradient_accumulation_steps. With neither, the preset's global batch is used.
@@ -139,7 +144,9 @@ num_processes x gradient_accumulation_steps. With neither, the preset's global b
 outputs (in --output_dir): training_args.json (arguments, exact command, resolved recipe), logs/ (tensorboard,
 metrics.jsonl), samples/step_XXXXXXX.png (one-step EMA samples, fixed seeds and classes), checkpoint-STEP/
 (accelerate state + pmf_checkpoint.json; written to .tmp-checkpoint-STEP and renamed when complete), pipeline/
-(the exported EMA model as a PMFPipeline, loadable with PMFPipeline.from_pretrained).
+(the exported EMA model as a PMFPipeline, loadable with PMFPipeline.from_pretrained); with --lora_rank instead
+lora/ (the LoRA adapter with the EMA weights, README.md model card and samples.png; load it on top of the base with
+PMFPipeline.from_pretrained(base).load_lora_weights(output_dir/lora)).
 """
 
 
@@ -193,6 +200,31 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     group.add_argument(
         "--gradient_checkpointing", action="store_true",
         help="Recompute block activations in the backward pass (the JVP pass runs without autograd anyway).",
+    )
+
+    group = parser.add_argument_group("LoRA fine-tuning (peft; needs --pretrained_model; docs/lora.md)")
+    group.add_argument(
+        "--lora_rank", type=int, default=None,
+        help="LoRA rank r > 0: freeze the pretrained weights and train a low-rank adapter (+ the class table with "
+        "--new_label_set / --train_class_embeddings). The EMA tracks only the trained parameters, and the export is "
+        "the adapter folder output_dir/lora (load it with pipe.load_lora_weights), not a full pipeline. Without this "
+        "flag the script does full fine-tuning.",
+    )
+    group.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha / r (default: r).")
+    group.add_argument(
+        "--lora_target", type=str, default=None,
+        help="LoRA target modules: a preset (attention, attention+mlp [default], all-linear) or comma-separated "
+        "module-name suffixes such as to_q,to_v,ff.down_proj. A name that matches no Linear layer is an error.",
+    )
+    group.add_argument(
+        "--train_class_embeddings", action="store_true",
+        help="With --lora_rank: also train the full class-embedding table (same classes, exported with the adapter).",
+    )
+    group.add_argument(
+        "--new_label_set", type=str, default=None, metavar="FILE",
+        help="Train your own classes: a label-set file (one class name per line, or a JSON list / {id: name}). The "
+        "class table is replaced by one row per name (+ the pretrained null row) and trained; the dataset's class "
+        "folder names must match these names (case-insensitive, '_' = space). Needs --pretrained_model.",
     )
 
     group = parser.add_argument_group("objective (defaults: the preset's recipe; pmf_spec.md §5)")
@@ -390,6 +422,28 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"--{name} must be ≥ 1.")
     if args.guidance_interval is not None and not 0 <= args.guidance_interval[0] <= args.guidance_interval[1] <= 1:
         parser.error("--guidance_interval must satisfy 0 ≤ T_MIN ≤ T_MAX ≤ 1.")
+    if args.lora_rank is not None:
+        if args.lora_rank <= 0:
+            parser.error(f"--lora_rank must be a positive integer (e.g. 16), got {args.lora_rank}; omit it for full "
+                         "fine-tuning.")
+        if args.pretrained_model is None:
+            parser.error("--lora_rank (LoRA fine-tuning) needs --pretrained_model: a PMFPipeline folder or Hub id to "
+                         "adapt (e.g. converted official weights: `pmf convert pMF-B/16 checkpoints/pMF-B-16`).")
+    else:
+        for name in ("lora_alpha", "lora_target"):
+            if getattr(args, name) is not None:
+                parser.error(f"--{name} only applies to LoRA fine-tuning: add --lora_rank.")
+        if args.train_class_embeddings:
+            parser.error("--train_class_embeddings only applies to LoRA fine-tuning (add --lora_rank); full "
+                         "fine-tuning trains the class table anyway.")
+    if args.lora_alpha is not None and not (args.lora_alpha > 0 and math.isfinite(args.lora_alpha)):
+        parser.error(f"--lora_alpha must be a positive number, got {args.lora_alpha}.")
+    if args.new_label_set is not None:
+        if args.pretrained_model is None:
+            parser.error("--new_label_set needs --pretrained_model: it replaces the class table of a pretrained model "
+                         "(a model trained from scratch takes its classes from the dataset).")
+        if not Path(args.new_label_set).is_file():
+            parser.error(f"--new_label_set {args.new_label_set}: no such file.")
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -467,8 +521,17 @@ def _config_for_compare(config) -> dict:
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
 
-def check_checkpoint_compatible(path: Path, model_config: dict, ema_keys: list[str]) -> dict:
+def check_checkpoint_compatible(path: Path, model_config: dict, ema_keys: list[str], lora_config: dict | None = None) -> dict:
     meta = json.loads((path / CHECKPOINT_MARKER).read_text())
+    saved_lora = meta.get("lora")
+    if saved_lora != lora_config:
+        def describe(config):
+            return "full fine-tuning (no LoRA)" if config is None else json.dumps(config)
+        raise CheckpointError(
+            f"Cannot resume from {path}: it was trained with {describe(saved_lora)}, this run asks for "
+            f"{describe(lora_config)}. Pass the original --lora_rank / --lora_alpha / --lora_target / "
+            "--train_class_embeddings / --new_label_set."
+        )
     saved, current = meta.get("transformer_config", {}), _config_for_compare(model_config)
     diffs = [
         f"{key}: checkpoint {saved.get(key)!r}, this run {current.get(key)!r}"
@@ -550,6 +613,100 @@ def load_pretrained(path: str, v_head_init: str) -> tuple[PMFTransformer2DModel,
             model.v_norm_out.load_state_dict(model.u_norm_out.state_dict())
             model.v_proj_out.load_state_dict(model.u_proj_out.state_dict())
     return model, info
+
+
+def read_new_label_set(path: str) -> dict[int, str]:
+    from pmf_diffusers.lora import read_label_set
+
+    try:
+        return read_label_set(path)
+    except (ValueError, OSError) as err:
+        raise TrainingSetupError(f"--new_label_set: {err}") from None
+
+
+def setup_lora(model: PMFTransformer2DModel, args: argparse.Namespace, label_set: dict[int, str] | None) -> dict | None:
+    """Model surgery for fine-tuning, before the optimizer and `accelerator.prepare`: a new class table for
+    `--new_label_set` (K + 1 rows, the pretrained null row kept, trainable), then the LoRA adapter for `--lora_rank`
+    (base frozen). Returns the LoRA settings recorded in training_args.json and the checkpoints (None without LoRA)."""
+    if label_set is None and args.lora_rank is None:
+        return None
+    from pmf_diffusers.lora import add_pmf_lora, replace_class_table, resolve_lora_targets
+
+    if label_set is not None:
+        replace_class_table(model, len(label_set), init="null", generator=torch.Generator().manual_seed(args.seed))
+    if args.lora_rank is None:
+        return None
+    target = args.lora_target if args.lora_target is not None else "attention+mlp"
+    try:
+        targets = resolve_lora_targets(model, target)
+        add_pmf_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, targets=targets,
+                     train_class_embeddings=args.train_class_embeddings)
+    except ValueError as err:
+        raise TrainingSetupError(f"--lora_target / --lora_rank: {err}") from None
+    return {
+        "rank": args.lora_rank,
+        "alpha": float(args.lora_alpha if args.lora_alpha is not None else args.lora_rank),
+        "target": target,
+        "target_modules": targets,
+        "init": "gaussian",
+        "train_class_embeddings": bool(model.class_embedder.weight.requires_grad),
+        "new_label_set": len(label_set) if label_set is not None else None,
+    }
+
+
+def trainable_parameters(model: torch.nn.Module) -> tuple[list[str], list[torch.nn.Parameter]]:
+    names, params = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            names.append(name)
+            params.append(param)
+    return names, params
+
+
+class RemappedCollator:
+    """Wraps an `ImageCollator`: dataset class i becomes model class `index[i]` (a label set's ids)."""
+
+    def __init__(self, collator: ImageCollator, index: list[int]):
+        self.collator = collator
+        self.lookup = torch.tensor(index, dtype=torch.long)
+
+    def __call__(self, rows) -> dict:
+        batch = self.collator(rows)
+        batch["class_labels"] = self.lookup[batch["class_labels"]]
+        return batch
+
+
+def dataset_label_index(args, data, label_set: dict | None, pretrained_id2label: dict | None) -> list[int] | None:
+    """Model class id of each dataset class, or None for the identity (dataset class i = model class i).
+
+    `--new_label_set`: the folder names must all be names of the label set. LoRA on the base model's classes: the
+    folder names are matched to the base model's names when they all match (the adapter keeps the base names);
+    otherwise dataset class i trains base class i, as in full fine-tuning."""
+    from pmf_diffusers.lora import label_set_index
+
+    if label_set is not None:
+        try:
+            return label_set_index(label_set, data.class_names)
+        except ValueError as err:
+            raise TrainingSetupError(
+                f"--new_label_set {args.new_label_set}: the dataset's class names must be names of the label set. {err}"
+            ) from None
+    if args.lora_rank is None or not pretrained_id2label:
+        return None
+    if len(data.class_names) == 1000 and all(re.fullmatch(r"n\d{8}", name) for name in data.class_names):
+        return None  # ImageNet folders named by synset: sorted synsets = class ids
+    id2label = {int(k): str(v) for k, v in pretrained_id2label.items()}
+    try:
+        index = label_set_index(id2label, data.class_names)
+    except ValueError:
+        logger.warning(
+            "The dataset's class names are not all class names of --pretrained_model: dataset class i trains base "
+            "class i (a LoRA adapter keeps the base model's class names). Name the class folders after the base "
+            "classes, or train your own classes with --new_label_set."
+        )
+        return None
+    logger.info(f"Dataset classes matched to the base model's classes: {dict(zip(data.class_names, index))}")
+    return index
 
 
 def infer_preset_name(config: dict) -> str | None:
@@ -674,6 +831,150 @@ def export_pipeline(
     return destination
 
 
+def export_lora(
+    destination: Path,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    ema: MultiEMA | None,
+    ema_key: str | None,
+    ema_params: list[torch.nn.Parameter],
+    id2label: dict[int, str] | None,
+    include_v_head: bool,
+    base_model_name: str | None,
+    card=None,
+    samples: Path | None = None,
+) -> Path | None:
+    """Write the LoRA adapter (`pmf_diffusers.lora.save_pmf_lora`: LoRA file, sidecar, class table when trained) with
+    the EMA of the trained parameters applied, via a temporary folder + rename; optionally a model card (README.md)
+    and a sample grid (samples.png). Main process only (the adapter is replicated)."""
+    from pmf_diffusers.lora import pmf_base_model_info, save_pmf_lora
+
+    if not accelerator.is_main_process:
+        return None
+    unwrapped = unwrap_model(accelerator, model)
+    tmp = destination.with_name(f".tmp-{destination.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    base_info = pmf_base_model_info(unwrapped)
+    base_info.pop("name_or_path", None)  # a local path of this machine; keep Hub ids only
+    if base_model_name:
+        base_info["name_or_path"] = base_model_name
+    use_ema = ema is not None and ema_key is not None
+    if use_ema:
+        ema.store(ema_params)
+        ema.copy_to(ema_params, ema_key)
+    try:
+        save_pmf_lora(unwrapped, tmp, base_model_info=base_info, id2label=id2label, include_v_head=include_v_head)
+    finally:
+        if use_ema:
+            ema.restore(ema_params)
+    if samples is not None and samples.is_file():
+        shutil.copyfile(samples, tmp / "samples.png")
+    if card is not None:
+        card.save(tmp / "README.md")
+    shutil.rmtree(destination, ignore_errors=True)
+    os.replace(tmp, destination)
+    return destination
+
+
+def adapter_model_card(args, data, preset, loss_config, resolved: dict, step: int, lora_config: dict, num_classes: int,
+                       resolution: int, patch_size: int, id2label: dict, guidance_scale: float,
+                       guidance_interval: tuple[float, float], sample_info: dict | None, adapter_ref: str):
+    """The model card of a LoRA adapter: `pmf_diffusers.hub.render_model_card("trained", base_model=...)`, with the
+    usage snippets rewritten to load the base pipeline and then the adapter."""
+    from pmf_diffusers.hub import check_model_card, render_model_card
+
+    info = model_card_info(args, data, preset, loss_config, resolved, step)
+    base = args.pretrained_model
+    recipe = {
+        "LoRA rank": lora_config["rank"],
+        "LoRA alpha": f"{lora_config['alpha']:g}",
+        "LoRA targets": f"{lora_config['target']} ({', '.join(lora_config['target_modules'])})",
+        "trainable parameters": f"{resolved['num_trainable_parameters']:,} of {resolved['num_parameters']:,}",
+        "class table": (f"new label set of {num_classes} classes" if lora_config["new_label_set"] else
+                        "trained" if lora_config["train_class_embeddings"] else "base model's (frozen)"),
+        **info.pop("recipe"),
+    }
+    kind = "new label set" if lora_config["new_label_set"] else "the base model's classes"
+    description = (
+        f"A **LoRA adapter** (rank {lora_config['rank']}, {lora_config['target']}) for the pMF base model `{base}`, "
+        f"trained on {kind} with `pmf-diffusers` (`examples/train_pmf.py --lora_rank`). It holds only the adapter"
+        + (" and its class table (`class_embeddings.safetensors`) with the class names" if lora_config["new_label_set"]
+           else " (and the retrained class table)" if lora_config["train_class_embeddings"] else "")
+        + ": load the base pipeline, then `pipe.load_lora_weights(...)` (see Usage)."
+    )
+    example_class = 207 if num_classes >= 1000 and 207 in id2label else min(id2label) if id2label else 0
+    card = render_model_card(
+        "trained",
+        repo_id=adapter_ref,
+        title=(args.hub_model_id or "").split("/")[-1] or f"pMF LoRA adapter ({Path(args.output_dir).name})",
+        description=description,
+        resolution=resolution,
+        patch_size=patch_size,
+        num_classes=num_classes,
+        example_class=example_class,
+        example_label=id2label.get(example_class),
+        guidance_scale=guidance_scale,
+        guidance_interval=list(guidance_interval),
+        noise_scale=loss_config.noise_scale,
+        recipe=recipe,
+        tags=["lora"],
+        **(sample_info or {}),
+        **info,
+    )
+    if card.data.base_model:
+        card.data.base_model_relation = "adapter"
+    lines = []
+    for line in card.text.splitlines():
+        match = re.fullmatch(r'(\s*)pipe = (\w+)\.from_pretrained\("' + re.escape(adapter_ref) + r'"(.*)\)', line)
+        if match:
+            indent, cls_name, rest = match.groups()
+            lines.append(f'{indent}pipe = {cls_name}.from_pretrained("{base}"{rest})  # the base model')
+            lines.append(f'{indent}pipe.load_lora_weights("{adapter_ref}")  # this adapter')
+        else:
+            lines.append(line)
+    text = "\n".join(lines).replace(
+        "The defaults stored in `model_index.json`, so `pipe(class_labels=...)` uses them.",
+        "The settings of the samples (the base pipeline's `model_index.json` holds its own defaults; pass "
+        "`guidance_scale=` / `guidance_interval=` to use these).",
+    )
+    if not card.data.base_model:  # a local base folder: the template would say "trained from scratch"
+        text = text.replace("none (trained from scratch)", f"`{base}`").replace(
+            "trained from scratch", f"adapted from `{base}` (LoRA)")
+    card.text = text + "\n"
+    check_model_card(card)
+    return card
+
+
+def push_adapter_to_hub(folder: Path, repo_id: str, private: bool, commit_message: str, token: str | None = None):
+    """Upload an adapter folder as it is (README.md included) with `huggingface_hub.upload_folder`, using the
+    conventions of `pmf_diffusers.hub.push_pipeline_to_hub`: repo-id check, token from huggingface_hub's usual sources
+    (never printed), `HF_ENDPOINT` read at call time, offline mode refused, a token found in a file refuses the push,
+    Hub errors reported as one-line `HubPushError`s. (`push_pipeline_to_hub` stages a full pipeline, hence this.)"""
+    import huggingface_hub
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from pmf_diffusers.hub import HubPushError, check_repo_id, resolve_token
+
+    repo_id = check_repo_id(repo_id)
+    if huggingface_hub.constants.is_offline_mode():
+        raise HubPushError("offline mode is on (HF_HUB_OFFLINE=1): unset it to push")
+    token = resolve_token(token)
+    endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or None
+    needle = token.encode()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        if needle in path.read_bytes():
+            raise HubPushError(f"refusing to upload: the access token appears in {path.name}")
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+    except HfHubHTTPError as error:
+        raise HubPushError(f"the Hub refused the push to {repo_id}: {str(error).strip().splitlines()[0]}") from error
+    logger.info(f"Pushed the adapter to {repo_id}: {getattr(commit, 'commit_url', commit)}")
+    return commit
+
+
 @torch.no_grad()
 def log_validation(
     accelerator: Accelerator,
@@ -688,10 +989,12 @@ def log_validation(
     seed: int,
     output_dir: Path,
     step: int,
+    ema_params: list[torch.nn.Parameter] | None = None,
 ) -> Path:
-    """One-step samples with the EMA weights: rows = classes, columns = fixed seeds. Main process only."""
+    """One-step samples with the EMA weights: rows = classes, columns = fixed seeds. Main process only.
+    `ema_params`: the parameters the EMA tracks (default: all of them; with LoRA: the trained ones)."""
     unwrapped = unwrap_model(accelerator, model)
-    params = list(unwrapped.parameters())
+    params = list(unwrapped.parameters()) if ema_params is None else list(ema_params)
     if ema is not None and ema_key is not None:
         ema.store(params)
         ema.copy_to(params, ema_key)
@@ -789,6 +1092,7 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
     resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         logger.info(f"No complete checkpoint in {output_dir}: starting a new training run.")
+    label_set = read_new_label_set(args.new_label_set) if args.new_label_set is not None else None
 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -809,6 +1113,7 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
                 )
             preset = get_training_preset(name)
             logger.info(f"Using the {name} recipe for the pretrained model.")
+    lora_config = setup_lora(model, args, label_set) if pretrained_info is not None else None
     loss_config = build_loss_config(preset, args, pretrained_info["noise_scale"] if pretrained_info else None)
     per_device_batch, global_batch = resolve_batch_sizes(args, preset, world)
 
@@ -848,10 +1153,15 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
             max_train_samples=args.max_train_samples,
             seed=args.seed,
         )
+    label_index = None  # model class id of each dataset class (None: the identity)
     if pretrained_info is None:
         model_config = build_model_config(preset, args, data.num_classes)
         model = PMFTransformer2DModel(**model_config)
     else:
+        label_index = dataset_label_index(args, data, label_set, pretrained_info["id2label"])
+    if label_index is not None:
+        logger.info(f"Dataset classes → model classes: {len(set(label_index))} of {model.config.num_classes} classes.")
+    elif pretrained_info is not None:
         if data.num_classes > model.config.num_classes:
             raise TrainingSetupError(
                 f"The dataset has {data.num_classes} classes but --pretrained_model has {model.config.num_classes}."
@@ -864,9 +1174,16 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
     model_config = _config_for_compare(model.config)
     resolution = model.config.sample_size
     num_classes = model.config.num_classes
-    id2label = resolve_id2label(data.class_names, pretrained_info["id2label"] if pretrained_info else None)
+    if label_set is not None:
+        id2label = dict(label_set)
+    elif label_index is not None:  # LoRA on the base model's classes, matched by name: the base names
+        id2label = {int(k): v for k, v in pretrained_info["id2label"].items()}
+    else:
+        id2label = resolve_id2label(data.class_names, pretrained_info["id2label"] if pretrained_info else None)
     if len(id2label) < num_classes:
         id2label = {**{i: str(i) for i in range(num_classes)}, **id2label}
+    adapter_id2label = dict(label_set) if label_set is not None else None  # names saved with a LoRA adapter
+    base_model_name = args.pretrained_model if _is_repo_id(args.pretrained_model) else None  # Hub ids only
     guidance_scale = args.guidance_scale if args.guidance_scale is not None else (
         pretrained_info["guidance_scale"] if pretrained_info else preset.guidance_scale
     )
@@ -875,8 +1192,11 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
     )
 
     collator = ImageCollator(
-        resolution, data.image_column, data.label_column, data.label_to_id, args.allow_upscale, num_classes=num_classes
+        resolution, data.image_column, data.label_column, data.label_to_id, args.allow_upscale,
+        num_classes=num_classes if label_index is None else data.num_classes,
     )
+    if label_index is not None:
+        collator = RemappedCollator(collator, label_index)
     # Fail fast (before the model is prepared) on an unusable first image, e.g. one that is too small.
     first = next(iter(data.dataset)) if data.streaming else data.dataset[0]
     try:
@@ -950,11 +1270,17 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
         updates_per_epoch = None
     unwrapped = unwrap_model(accelerator, model)
 
+    # The EMA tracks what is trained: every parameter in full training, the adapter (+ class table) with LoRA.
+    if lora_config is not None:
+        _, ema_params = trainable_parameters(unwrapped)
+    else:
+        ema_params = list(unwrapped.parameters())
+    num_trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
     half_lives = list(args.ema_half_lives_kimg) if args.ema_half_lives_kimg is not None else list(preset.ema_half_lives_kimg)
     ema = None
     if half_lives:
         ema = MultiEMA(
-            unwrapped.parameters(),
+            ema_params,
             half_lives_kimg=half_lives,
             ref_batch=args.ema_ref_batch if args.ema_ref_batch is not None else preset.ema_ref_batch,
         )
@@ -978,7 +1304,7 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
     global_step = 0
     data_state = {"epoch": 0, "batches_in_epoch": 0}
     if resume_path is not None:
-        meta = check_checkpoint_compatible(resume_path, model_config, ema_keys)
+        meta = check_checkpoint_compatible(resume_path, model_config, ema_keys, lora_config)
         if meta.get("seed") not in (None, args.seed):
             logger.warning(f"{resume_path} was trained with --seed {meta['seed']}, this run has --seed {args.seed}: the "
                            "objective draws keep the checkpoint's seed, the data order follows --seed.")
@@ -1015,6 +1341,9 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
         "loss_config": loss_config.to_dict(),
         "transformer_config": model_config,
         "num_parameters": sum(p.numel() for p in unwrapped.parameters()),
+        "num_trainable_parameters": num_trainable,
+        "lora": lora_config,
+        "new_label_set": {"file": args.new_label_set, "num_classes": len(label_set)} if label_set is not None else None,
         "dataset": data.source,
         "num_examples": data.num_examples,
         "class_names": data.class_names,
@@ -1038,6 +1367,8 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
         if bad:
             raise TrainingSetupError(f"--validation_classes {bad} outside [0, {num_classes}).")
         validation_classes = list(args.validation_classes)
+    elif label_index is not None:  # the classes of the data
+        validation_classes = sorted(set(label_index))[:10]
     elif num_classes == 1000:
         validation_classes = OFFICIAL_SAMPLE_CLASSES
     else:
@@ -1048,6 +1379,15 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
     logger.info(f"  Examples = {data.num_examples if data.num_examples is not None else 'streaming'}; classes = {num_classes}")
     logger.info(f"  Batch: {per_device_batch} per device × {world} process(es) × {args.gradient_accumulation_steps} "
                 f"accumulation = {global_batch} per step; steps = {max_train_steps}; start step = {global_step}")
+    logger.info(f"  Trainable parameters = {num_trainable:,} of {resolved['num_parameters']:,} "
+                f"({100 * num_trainable / max(resolved['num_parameters'], 1):.2f}%); EMA over {len(ema_params)} tensors")
+    if lora_config is not None:
+        logger.info(f"  LoRA: rank {lora_config['rank']}, alpha {lora_config['alpha']:g} (scale "
+                    f"{lora_config['alpha'] / lora_config['rank']:g}), target {lora_config['target']} = "
+                    f"{lora_config['target_modules']}, class table "
+                    f"{'new label set' if label_set is not None else 'trained' if lora_config['train_class_embeddings'] else 'frozen'}")
+    if label_set is not None:
+        logger.info(f"  New label set ({len(label_set)} classes) from {args.new_label_set}: {list(label_set.values())[:10]}")
 
     last_checkpoint = [resume_path]
 
@@ -1066,7 +1406,10 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         (tmp / f"data_state_rank{rank}.json").write_text(json.dumps(data_state))
-        if args.export_at_checkpoints:
+        if args.export_at_checkpoints and lora_config is not None:
+            export_lora(tmp / "lora", accelerator, model, ema, ema_key, ema_params, adapter_id2label,
+                        not args.export_drop_v_head, base_model_name)
+        elif args.export_at_checkpoints:
             export_pipeline(tmp / "pipeline", accelerator, model, ema, ema_key, loss_config.noise_scale, id2label,
                             guidance_scale, guidance_interval, args.export_drop_v_head)
         accelerator.wait_for_everyone()
@@ -1075,6 +1418,7 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
                 "global_step": step,
                 "transformer_config": model_config,
                 "ema_keys": ema_keys,
+                "lora": lora_config,
                 "num_processes": world,
                 "seed": args.seed,
                 "preset": preset.name,
@@ -1101,7 +1445,7 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
         if accelerator.is_main_process:
             path = log_validation(accelerator, model, ema, ema_key, loss_config.noise_scale, validation_classes,
                                   args.validation_images_per_class, guidance_scale, guidance_interval, args.seed,
-                                  output_dir, step)
+                                  output_dir, step, ema_params=ema_params)
         accelerator.wait_for_everyone()
         return path
 
@@ -1137,6 +1481,7 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
     images_this_step = 0.0
     micro_step = 0
     last_validation = None
+    last_validation_grid = None
 
     if global_step >= max_train_steps:
         logger.info(f"Already at step {global_step} ≥ {max_train_steps}: nothing to train.")
@@ -1188,7 +1533,7 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
             global_step += 1
             micro_step = 0
             if ema is not None:
-                ema.step(unwrapped.parameters(), global_step=global_step)
+                ema.step(ema_params, global_step=global_step)
             now = time.perf_counter()
             img_per_sec = images_this_step / max(now - step_start, 1e-9)
             step_start, images_this_step = now, 0.0
@@ -1210,7 +1555,7 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
                         handle.write(json.dumps({"step": global_step, **logs}) + "\n")
 
             if validation_steps and global_step % validation_steps == 0:
-                run_validation(global_step)
+                last_validation_grid = run_validation(global_step)
                 last_validation = global_step
             if checkpointing_steps and global_step % checkpointing_steps == 0:
                 save_checkpoint(global_step)
@@ -1230,9 +1575,31 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
     ):
         save_checkpoint(global_step)
     if last_validation != global_step:
-        run_validation(global_step)
-    pipeline_dir = export_pipeline(output_dir / "pipeline", accelerator, model, ema, ema_key, loss_config.noise_scale,
-                                   id2label, guidance_scale, guidance_interval, args.export_drop_v_head)
+        last_validation_grid = run_validation(global_step)
+    pipeline_dir = lora_dir = None
+    if lora_config is None:
+        pipeline_dir = export_pipeline(output_dir / "pipeline", accelerator, model, ema, ema_key,
+                                       loss_config.noise_scale, id2label, guidance_scale, guidance_interval,
+                                       args.export_drop_v_head)
+    else:
+        card = None
+        if accelerator.is_main_process:
+            sample_info = None
+            if last_validation_grid is not None:
+                per_class = args.validation_images_per_class
+                sample_info = {
+                    "sample_grid": "samples.png",
+                    "sample_labels": ", ".join(f"{id2label.get(c, c)} ({c})" for c in validation_classes),
+                    "sample_seeds": f"{args.seed}…{args.seed + per_class - 1} (one row per class, column j uses seed "
+                                    f"{args.seed} + j)",
+                }
+            card = adapter_model_card(
+                args, data, preset, loss_config, resolved, global_step, lora_config, num_classes, resolution,
+                model_config["patch_size"], id2label,
+                guidance_scale, guidance_interval, sample_info, args.hub_model_id or str(output_dir / "lora"),
+            )
+        lora_dir = export_lora(output_dir / "lora", accelerator, model, ema, ema_key, ema_params, adapter_id2label,
+                               not args.export_drop_v_head, base_model_name, card=card, samples=last_validation_grid)
     if corrupt_seen:
         logger.warning(f"Skipped {sum(corrupt_seen.values())} unreadable image read(s) ({len(corrupt_seen)} distinct "
                        f"file(s)) on process {rank}: {sorted(corrupt_seen)[:10]}", main_process_only=False)
@@ -1241,7 +1608,10 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
         if ema is not None:
             lines += [f"{key} {weights_sha256(ema[key].shadow_params)}" for key in ema.keys()]
         (output_dir / f"weights_hash_rank{rank}.txt").write_text("\n".join(lines) + "\n")
-    if accelerator.is_main_process and args.push_to_hub:
+    if accelerator.is_main_process and args.push_to_hub and lora_config is not None:
+        push_adapter_to_hub(lora_dir, args.hub_model_id, private=args.hub_private,
+                            commit_message=f"pMF LoRA training: step {global_step}")
+    elif accelerator.is_main_process and args.push_to_hub:
         from pmf_diffusers.hub import push_pipeline_to_hub  # imported lazily: only needed here
 
         push_pipeline_to_hub(
@@ -1254,11 +1624,16 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
             card_info=model_card_info(args, data, preset, loss_config, resolved, global_step),
         )
     accelerator.wait_for_everyone()
-    logger.info(f"Done at step {global_step}; pipeline in {output_dir / 'pipeline'}")
+    if lora_config is None:
+        logger.info(f"Done at step {global_step}; pipeline in {output_dir / 'pipeline'}")
+    else:
+        logger.info(f"Done at step {global_step}; LoRA adapter in {output_dir / 'lora'} (load it with "
+                    "PMFPipeline.from_pretrained(<base>).load_lora_weights(<adapter>))")
     return {
         "global_step": global_step,
         "history": list(history),
-        "pipeline_dir": output_dir / "pipeline",
+        "pipeline_dir": output_dir / "pipeline" if lora_config is None else None,
+        "lora_dir": output_dir / "lora" if lora_config is not None else None,
         "last_checkpoint": last_checkpoint[0],
         "corrupt_images": dict(corrupt_seen),
         "corrupt_total": corrupt_total,
