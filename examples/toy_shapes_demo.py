@@ -41,6 +41,7 @@ def parse_args(argv=None):
     parser.add_argument("--skip-training", action="store_true", help="reuse OUTPUT_DIR/train/pipeline")
     parser.add_argument("--export-bundled", type=Path, default=None, help="write the bundled-model folder here")
     parser.add_argument("--grid", type=Path, default=REPO_ROOT / "docs" / "images" / "toy_samples_grid.png")
+    parser.add_argument("--card-command", default=None, help="the reproduction command written into the bundled card")
     parser.add_argument("--extra-train-args", default="", help="appended to the train_pmf.py command line")
     return parser.parse_args(argv)
 
@@ -124,6 +125,7 @@ def main(argv=None):
     (output_dir / "report.json").write_text(json.dumps(report, indent=2))
 
     if args.export_bundled:
+        report["card_command"] = args.card_command or report.get("train_command")
         export_bundled(pipe, pipeline_dir, train_dir, args.export_bundled, report)
     return report
 
@@ -158,7 +160,7 @@ def export_bundled(pipe, pipeline_dir: Path, train_dir: Path, target: Path, repo
         num_parameters=report["num_parameters"],
         training_steps=training_args.get("max_train_steps"),
         recipe={key: value for key, value in training_args.items() if not isinstance(value, (dict, list))},
-        command=report.get("train_command", training_args.get("command", "")),
+        command=report["card_command"] or training_args.get("command", ""),
         metrics={
             "min per-class judge accuracy (confidence ≥ 0.5)": f"{min(accuracy.values()):.3f}",
             "mean per-class judge accuracy (confidence ≥ 0.5)": f"{sum(accuracy.values()) / len(accuracy):.3f}",

@@ -243,13 +243,17 @@ def _load_pipeline(model: str, device: str, dtype_name: str):
     from .conversion import load_official
     from .pipelines.pipeline_pmf import PMFPipeline
 
+    from diffusers.utils import logging as diffusers_logging
+
+    # The command prints its own one-line summary; loading bars would bury it (and the one-line errors).
+    diffusers_logging.disable_progress_bar()
     dtype = getattr(torch, DTYPES[dtype_name])
     if model == "bundled":
-        pipe = load_bundled_pipeline()
+        pipe = load_bundled_pipeline(dtype=dtype)
     elif Path(model).expanduser().is_dir():
-        pipe = PMFPipeline.from_pretrained(Path(model).expanduser())
+        pipe = PMFPipeline.from_pretrained(Path(model).expanduser(), dtype=dtype)
     elif _looks_like_size_name(model):
-        pipe = load_official(model)
+        pipe = load_official(model, dtype=dtype)
     else:
         try:
             validate_repo_id(model)
@@ -261,11 +265,11 @@ def _load_pipeline(model: str, device: str, dtype_name: str):
         if "/" not in model:
             raise CLIError(f"unknown model {model!r}: not a folder, an official size or a Hub repo id (namespace/name)")
         try:
-            pipe = PMFPipeline.from_pretrained(model)
+            pipe = PMFPipeline.from_pretrained(model, dtype=dtype)
         except OSError as error:
             raise CLIError(f"could not load {model!r} from the Hub: {' '.join(str(error).split())[:300]}") from None
     try:
-        return pipe.to(device=device, dtype=dtype)
+        return pipe.to(device)
     except (RuntimeError, AssertionError) as error:
         raise CLIError(f"cannot use --device {device}: {' '.join(str(error).split())[:200]}") from None
 
