@@ -158,3 +158,28 @@ def tiny_preset():
         name="tiny/A", filename="tinyA.pt", sample_size=32, patch_size=8, hidden_size=64, num_layers=2,
         noise_scale=1.0, guidance_scale=7.5, guidance_interval=(0.1, 0.8), fid=float("nan"),
     )
+
+
+def load_train_script(module_name: str):
+    """Import `examples/train_pmf.py` as a module (it is an example script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(module_name, REPO_ROOT / "examples" / "train_pmf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def isolated_accelerate():
+    """Fresh accelerate singletons per run; one torch thread (much faster than 2 on a shared 2-core machine)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    torch.set_num_threads(threads)

@@ -6,7 +6,6 @@ saved to a temporary folder, then adapted for a few steps on a 4-class toy datas
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -21,34 +20,19 @@ from pmf_diffusers import PMFPipeline, PMFScheduler, PMFTransformer2DModel
 from pmf_diffusers.lora import ADAPTER_CONFIG_NAME, CLASS_EMBEDDINGS_NAME, replace_class_table
 from pmf_diffusers.training.presets import get_training_preset
 from pmf_diffusers.training.toy_data import TOY_CLASS_FOLDERS, make_toy_dataset
+from conftest import load_train_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "train_pmf.py"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_pmf_lora_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-T = _load_script()
+T = load_train_script("train_pmf_lora_under_test")
 
 
 @pytest.fixture(autouse=True)
-def _isolated_accelerate_and_threads():
-    from accelerate.state import AcceleratorState, GradientState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+def _isolated(isolated_accelerate):
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

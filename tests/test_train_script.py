@@ -6,7 +6,6 @@ a 4-class toy dataset; the multi-process test launches `accelerate launch` with 
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -34,34 +33,18 @@ from pmf_diffusers.training.data import (
 from pmf_diffusers.training.perceptual import PerceptualWeightsNotFoundError
 from pmf_diffusers.training.presets import TRAINING_PRESETS, get_training_preset, official_model_config
 from pmf_diffusers.training.toy_data import TOY_CLASS_FOLDERS, make_toy_dataset
+from conftest import load_train_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "train_pmf.py"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_pmf_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-T = _load_script()
+T = load_train_script("train_pmf_under_test")
 
 
 @pytest.fixture(autouse=True)
-def _isolated_accelerate_and_threads():
-    """Fresh accelerate singletons per run; one torch thread (much faster than 2 on a shared 2-core machine)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+def _isolated(isolated_accelerate):
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
