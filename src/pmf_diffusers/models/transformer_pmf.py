@@ -125,16 +125,34 @@ class PMFAttnProcessor:
             query = apply_interleaved_rope(query, rope_freqs)
             key = apply_interleaved_rope(key, rope_freqs)
 
-        hidden_states = dispatch_attention_fn(
-            query, key, value, attn_mask=None, backend=self._attention_backend, parallel_config=self._parallel_config
-        )
+        hidden_states = self.attend(query, key, value)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
         return attn.to_out(hidden_states)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """(B, L, H, D) query/key/value → (B, L, H, D)."""
+        return dispatch_attention_fn(
+            query, key, value, attn_mask=None, backend=self._attention_backend, parallel_config=self._parallel_config
+        )
+
+
+class PMFEagerAttnProcessor(PMFAttnProcessor):
+    """Attention written out as in the official code: (q/√d)·kᵀ, softmax in fp32, ·v.
+
+    Supports forward-mode AD and costs less under `torch.func.jvp` than the math SDPA backend (whose safe softmax
+    adds masking ops to every tangent); the training objective swaps it in for its JVP.
+    """
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        scores = (query * query.shape[-1] ** -0.5) @ key.transpose(-1, -2)
+        probabilities = scores.float().softmax(dim=-1).to(value.dtype)
+        return (probabilities @ value).transpose(1, 2)
 
 
 class PMFAttention(nn.Module, AttentionModuleMixin):
     _default_processor_cls = PMFAttnProcessor
-    _available_processors = [PMFAttnProcessor]
+    _available_processors = [PMFAttnProcessor, PMFEagerAttnProcessor]
     _supports_qkv_fusion = False
 
     def __init__(self, dim: int, heads: int, head_dim: int, eps: float = 1e-6):

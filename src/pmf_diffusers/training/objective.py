@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
-from diffusers.models.attention_dispatch import attention_backend
+from ..models.transformer_pmf import PMFEagerAttnProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def pmf_loss(
     v_g = torch.where(column(drop) > 0, v_t, v_g_before_drop)
 
     # du/dt along (dz, dt, dr) = (v_c, 1, 0): trunk + u-head only, without autograd. Fused attention kernels have no
-    # forward-mode AD, so the math backend is used here.
+    # forward-mode AD, so the written-out attention of the official code is swapped in for this call.
     def mean_velocity(z, time, r_time):
         x_pred = model(
             z.to(dtype),
@@ -292,10 +292,15 @@ def pmf_loss(
         )[0]
         return (z - x_pred.float()) / column(time).clamp(min=config.min_time, max=1.0)
 
-    with torch.no_grad(), attention_backend("_native_math"), torch.autocast(
-        device_type=x.device.type, enabled=not config.jvp_in_fp32 and torch.is_autocast_enabled(x.device.type)
-    ):
-        _, du_dt = torch.func.jvp(mean_velocity, (z_t, t, r), (v_c, torch.ones_like(t), torch.zeros_like(r)))
+    processors = model.attn_processors
+    model.set_attn_processor(PMFEagerAttnProcessor())
+    try:
+        with torch.no_grad(), torch.autocast(
+            device_type=x.device.type, enabled=not config.jvp_in_fp32 and torch.is_autocast_enabled(x.device.type)
+        ):
+            _, du_dt = torch.func.jvp(mean_velocity, (z_t, t, r), (v_c, torch.ones_like(t), torch.zeros_like(r)))
+    finally:
+        model.set_attn_processor(processors)
 
     # The gradient-carrying pass (wrapped model, so DDP hooks and checkpointing apply).
     x_pred_u, x_pred_v = transformer(
