@@ -6,8 +6,8 @@ pair in `SUBCOMMANDS`):
 
 * `build_parser()` builds the argparse tree; every subparser sets `func=_cmd_<name>`.
 * `main(argv)` parses, runs `args.func(args)` and turns any exception into one `pmf: error: ...` line on stderr and
-  exit code 2 (`--debug` shows the traceback instead). Heavy imports (torch, diffusers) happen inside the commands,
-  so `pmf --help` stays fast.
+  exit code 2 (`--debug` shows the traceback instead). diffusers is imported inside the commands; building the
+  `eval` parser imports torch (via `evaluation.py`), so `pmf --help` takes ~2 s.
 """
 
 from __future__ import annotations
