@@ -1,5 +1,6 @@
 """The pMF objective against the official JAX `main` oracle (all randomness injected), and the draw distributions."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -34,8 +35,9 @@ def tiny_a_weights():
     return convert_official_state_dict(load_file(REFERENCE_DIR / "tinyA_state_dict.safetensors"))
 
 
+@pytest.mark.parametrize("explicit_jvp", [True, False], ids=["explicit-jvp", "torch-func-jvp"])
 @pytest.mark.parametrize("scenario", ["S1", "S2"])
-def test_loss_intermediates_and_gradients_match_jax(scenario, tiny_a_weights):
+def test_loss_intermediates_and_gradients_match_jax(scenario, explicit_jvp, tiny_a_weights):
     config_dict, state_dict = tiny_a_weights
     model = PMFTransformer2DModel(**config_dict)
     model.load_state_dict(state_dict)
@@ -49,7 +51,8 @@ def test_loss_intermediates_and_gradients_match_jax(scenario, tiny_a_weights):
         drop_mask=oracle["drop_mask"].bool(),
         noise=nchw(oracle["e"]),
     )
-    output = pmf_loss(model, nchw(oracle["x"]), oracle["labels"].long(), SCENARIOS[scenario], draws=draws)
+    config = replace(SCENARIOS[scenario], explicit_jvp=explicit_jvp)
+    output = pmf_loss(model, nchw(oracle["x"]), oracle["labels"].long(), config, draws=draws)
     output.loss.backward()
 
     assert relative_error(output.loss, oracle["loss"][0]) <= 1e-4

@@ -417,6 +417,50 @@ class PMFTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapter
                 hidden_states = block(hidden_states, rope_freqs)
         return hidden_states
 
+    def embed_inputs(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        r_timestep: torch.Tensor,
+        class_labels: torch.LongTensor,
+        guidance: torch.Tensor | None = None,
+        guidance_interval_start: torch.Tensor | None = None,
+        guidance_interval_end: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The input sequence (B, prefix + N, D): condition tokens, then patch tokens, plus learned positions."""
+        batch_size = hidden_states.shape[0]
+        ones = torch.ones(batch_size, device=hidden_states.device, dtype=torch.float32)
+        guidance = ones if guidance is None else guidance
+        guidance_interval_start = torch.zeros_like(ones) if guidance_interval_start is None else guidance_interval_start
+        guidance_interval_end = ones if guidance_interval_end is None else guidance_interval_end
+
+        patch_tokens = self.patch_embed(hidden_states)
+        dtype = patch_tokens.dtype
+        # ω is embedded as 1 − 1/ω ∈ [0, 1); the step size h = t − r, not t, is embedded.
+        class_emb = self.class_embedder(class_labels)
+        guidance_emb = self.guidance_embedder(1 - 1 / guidance, dtype)
+        start_emb = self.guidance_start_embedder(guidance_interval_start, dtype)
+        end_emb = self.guidance_end_embedder(guidance_interval_end, dtype)
+        delta_time_emb = self.delta_time_embedder(timestep - r_timestep, dtype)
+
+        hidden_states = torch.cat(
+            [
+                self.class_tokens + class_emb[:, None],
+                self.guidance_tokens + guidance_emb[:, None],
+                self.guidance_start_tokens + start_emb[:, None],
+                self.guidance_end_tokens + end_emb[:, None],
+                self.delta_time_tokens + delta_time_emb[:, None],
+                patch_tokens,
+            ],
+            dim=1,
+        )
+        return hidden_states + self.pos_embed
+
+    def decode_head(self, head: str, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Final norm and projection of a head's output sequence (patch tokens only) → image (B, C, S, S)."""
+        norm_out, proj_out = (self.u_norm_out, self.u_proj_out) if head == "u" else (self.v_norm_out, self.v_proj_out)
+        return self.unpatchify(proj_out(norm_out(hidden_states[:, self.num_prefix_tokens :])))
+
     @apply_lora_scale("attention_kwargs")
     def forward(
         self,
@@ -458,46 +502,19 @@ class PMFTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapter
             raise ValueError(f"`head` must be 'u', 'v' or 'both', got {head!r}.")
         if head != "u" and not self.config.with_v_head:
             raise ValueError("This model has no v-head (`with_v_head=False`); only `head='u'` is available.")
-        batch_size = hidden_states.shape[0]
-        ones = torch.ones(batch_size, device=hidden_states.device, dtype=torch.float32)
-        guidance = ones if guidance is None else guidance
-        guidance_interval_start = torch.zeros_like(ones) if guidance_interval_start is None else guidance_interval_start
-        guidance_interval_end = ones if guidance_interval_end is None else guidance_interval_end
-
-        patch_tokens = self.patch_embed(hidden_states)
-        dtype = patch_tokens.dtype
-        # ω is embedded as 1 − 1/ω ∈ [0, 1); the step size h = t − r, not t, is embedded.
-        class_emb = self.class_embedder(class_labels)
-        guidance_emb = self.guidance_embedder(1 - 1 / guidance, dtype)
-        start_emb = self.guidance_start_embedder(guidance_interval_start, dtype)
-        end_emb = self.guidance_end_embedder(guidance_interval_end, dtype)
-        delta_time_emb = self.delta_time_embedder(timestep - r_timestep, dtype)
-
-        hidden_states = torch.cat(
-            [
-                self.class_tokens + class_emb[:, None],
-                self.guidance_tokens + guidance_emb[:, None],
-                self.guidance_start_tokens + start_emb[:, None],
-                self.guidance_end_tokens + end_emb[:, None],
-                self.delta_time_tokens + delta_time_emb[:, None],
-                patch_tokens,
-            ],
-            dim=1,
+        hidden_states = self.embed_inputs(
+            hidden_states, timestep, r_timestep, class_labels, guidance, guidance_interval_start, guidance_interval_end
         )
-        hidden_states = hidden_states + self.pos_embed
         rope_freqs = pad_rope_freqs(self.rope_freqs, self.num_prefix_tokens)
-
         hidden_states = self._run_blocks(self.transformer_blocks, hidden_states, rope_freqs)
 
         outputs = {}
         if head in ("u", "both"):
             u_states = self._run_blocks(self.u_head_blocks, hidden_states, rope_freqs)
-            u_states = self.u_proj_out(self.u_norm_out(u_states[:, self.num_prefix_tokens :]))
-            outputs["sample"] = self.unpatchify(u_states)
+            outputs["sample"] = self.decode_head("u", u_states)
         if head in ("v", "both"):
             v_states = self._run_blocks(self.v_head_blocks, hidden_states, rope_freqs)
-            v_states = self.v_proj_out(self.v_norm_out(v_states[:, self.num_prefix_tokens :]))
-            outputs["v_sample"] = self.unpatchify(v_states)
+            outputs["v_sample"] = self.decode_head("v", v_states)
 
         if not return_dict:
             return tuple(outputs.values())

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 
 from ..models.transformer_pmf import PMFEagerAttnProcessor
+from .jvp import explicit_jvp_supported, u_head_jvp
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ class PMFLossConfig:
         min_time: Floor of t in the x → velocity conversions (official 0.05).
         jvp_in_fp32: Run the JVP with autocast disabled, so a bf16 run keeps du/dt (which reaches 1e3 for small t)
             in full precision.
+        explicit_jvp: Compute the JVP with the layer-by-layer forward-mode pass of `training.jvp` (same result to
+            fp32 rounding, ~1.4× faster on CPU than `torch.func.jvp`); `False` forces `torch.func.jvp`. Models
+            whose block linears are not plain linear maps (bias, active dropout) always use `torch.func.jvp`.
     """
 
     p_mean: float = 0.8
@@ -60,6 +64,7 @@ class PMFLossConfig:
     perceptual_max_t: float = 0.8
     min_time: float = 0.05
     jvp_in_fp32: bool = True
+    explicit_jvp: bool = True
 
     def __post_init__(self):
         if self.class_dropout_mode not in ("per_sample", "first_k"):
@@ -207,6 +212,23 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _u_head_jvp_autograd(model, primals, tangents, class_labels, guidance, interval_start, interval_end):
+    """`torch.func.jvp` of the u-head x-prediction (the general fallback of `u_head_jvp`). Fused attention kernels
+    have no forward-mode AD, so the written-out attention of the official code is swapped in for this call."""
+
+    def x_prediction(z, time, r_time):
+        return model(
+            z, time, r_time, class_labels, guidance, interval_start, interval_end, head="u", return_dict=False
+        )[0]
+
+    processors = model.attn_processors
+    model.set_attn_processor(PMFEagerAttnProcessor())
+    try:
+        return torch.func.jvp(x_prediction, primals, tangents)
+    finally:
+        model.set_attn_processor(processors)
+
+
 _warned_no_perceptual = False
 
 
@@ -276,31 +298,23 @@ def pmf_loss(
     labels_after_drop = torch.where(drop, torch.full_like(labels, num_classes), labels)
     v_g = torch.where(column(drop) > 0, v_t, v_g_before_drop)
 
-    # du/dt along (dz, dt, dr) = (v_c, 1, 0): trunk + u-head only, without autograd. Fused attention kernels have no
-    # forward-mode AD, so the written-out attention of the official code is swapped in for this call.
-    def mean_velocity(z, time, r_time):
-        x_pred = model(
-            z.to(dtype),
-            timestep=time,
-            r_timestep=r_time,
-            class_labels=labels_after_drop,
-            guidance=omega,
-            guidance_interval_start=t_min,
-            guidance_interval_end=t_max,
-            head="u",
-            return_dict=False,
-        )[0]
-        return (z - x_pred.float()) / column(time).clamp(min=config.min_time, max=1.0)
-
-    processors = model.attn_processors
-    model.set_attn_processor(PMFEagerAttnProcessor())
-    try:
-        with torch.no_grad(), torch.autocast(
-            device_type=x.device.type, enabled=not config.jvp_in_fp32 and torch.is_autocast_enabled(x.device.type)
-        ):
-            _, du_dt = torch.func.jvp(mean_velocity, (z_t, t, r), (v_c, torch.ones_like(t), torch.zeros_like(r)))
-    finally:
-        model.set_attn_processor(processors)
+    # du/dt along (dz, dt, dr) = (v_c, 1, 0): trunk + u-head only, without autograd.
+    primals = (z_t.to(dtype), t, r)
+    tangents = (v_c.to(dtype), torch.ones_like(t), torch.zeros_like(r))
+    conditions = (labels_after_drop, omega, t_min, t_max)
+    with torch.no_grad(), torch.autocast(
+        device_type=x.device.type, enabled=not config.jvp_in_fp32 and torch.is_autocast_enabled(x.device.type)
+    ):
+        if config.explicit_jvp and explicit_jvp_supported(model):
+            x_pred_u, d_x_pred_u = u_head_jvp(model, primals, tangents, *conditions)
+        else:
+            x_pred_u, d_x_pred_u = _u_head_jvp_autograd(model, primals, tangents, *conditions)
+        # u = (z − x̂)/max(t, t_min): the floor's derivative follows torch's clamp rule, as in a JVP of the whole map.
+        _, du_dt = torch.func.jvp(
+            lambda z, x_pred, time: (z - x_pred.float()) / column(time).clamp(min=config.min_time, max=1.0),
+            (z_t, x_pred_u, t),
+            (v_c, d_x_pred_u, torch.ones_like(t)),
+        )
 
     # The gradient-carrying pass (wrapped model, so DDP hooks and checkpointing apply).
     x_pred_u, x_pred_v = transformer(

@@ -1,0 +1,88 @@
+"""The layer-by-layer u-head JVP of `training.jvp` against `torch.func.jvp` of the model itself."""
+
+import pytest
+import torch
+
+from conftest import converted, max_rel_err
+from pmf_diffusers.lora import add_pmf_lora
+from pmf_diffusers.models.transformer_pmf import PMFEagerAttnProcessor, PMFTransformer2DModel
+from pmf_diffusers.training.jvp import explicit_jvp_supported, u_head_jvp
+
+
+def tiny_model(name: str) -> PMFTransformer2DModel:
+    """An official tiny model with every parameter perturbed, so that no gate or output layer is zero."""
+    config, state_dict = converted(name)
+    model = PMFTransformer2DModel(**config)
+    model.load_state_dict(state_dict)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def inputs(model: PMFTransformer2DModel, batch_size: int = 3):
+    generator = torch.Generator().manual_seed(0)
+    size = model.config.sample_size
+    z = torch.randn(batch_size, 3, size, size, generator=generator)
+    t = torch.tensor([0.9, 0.4, 0.07])[:batch_size]
+    r = torch.tensor([0.2, 0.4, 0.0])[:batch_size]  # includes r = t (h = 0)
+    conditions = (
+        torch.tensor([1, 0, model.config.num_classes])[:batch_size],  # includes the null label
+        torch.tensor([3.0, 1.0, 6.5])[:batch_size],
+        torch.tensor([0.1, 0.0, 0.3])[:batch_size],
+        torch.tensor([0.7, 1.0, 0.9])[:batch_size],
+    )
+    tangents = (torch.randn(z.shape, generator=generator), torch.ones(batch_size), torch.zeros(batch_size))
+    return (z, t, r), tangents, conditions
+
+
+def reference_jvp(model, primals, tangents, conditions):
+    def x_prediction(z, time, r_time):
+        return model(z, time, r_time, *conditions, head="u", return_dict=False)[0]
+
+    model.set_attn_processor(PMFEagerAttnProcessor())
+    return torch.func.jvp(x_prediction, primals, tangents)
+
+
+@pytest.mark.parametrize("name", ["tinyA", "tinyB"])
+def test_explicit_jvp_equals_torch_func_jvp(name, single_thread):
+    model = tiny_model(name)
+    primals, tangents, conditions = inputs(model)
+    with torch.no_grad():
+        x_pred, d_x_pred = u_head_jvp(model, primals, tangents, *conditions)
+        expected_x_pred, expected_d_x_pred = reference_jvp(model, primals, tangents, conditions)
+        forward = model(*primals, *conditions, head="u").sample
+    assert max_rel_err(x_pred, expected_x_pred) <= 1e-6
+    assert max_rel_err(x_pred, forward) <= 1e-6
+    assert max_rel_err(d_x_pred, expected_d_x_pred) <= 1e-5
+    # A tangent along t alone (dz = 0) reaches the output only through the h-embedding.
+    zero_z = (torch.zeros_like(tangents[0]), tangents[1], tangents[2])
+    with torch.no_grad():
+        _, d_time_only = u_head_jvp(model, primals, zero_z, *conditions)
+        _, expected_time_only = reference_jvp(model, primals, zero_z, conditions)
+    assert d_time_only.abs().max() > 0
+    assert max_rel_err(d_time_only, expected_time_only) <= 1e-5
+
+
+def test_explicit_jvp_with_lora_and_its_fallback_rule(single_thread):
+    model = tiny_model("tinyA")
+    add_pmf_lora(model, rank=4, init="gaussian")
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            with torch.no_grad():
+                param.normal_(0, 0.05)
+    assert explicit_jvp_supported(model)
+    primals, tangents, conditions = inputs(model)
+    with torch.no_grad():
+        _, d_x_pred = u_head_jvp(model, primals, tangents, *conditions)
+        _, expected = reference_jvp(model, primals, tangents, conditions)
+    assert max_rel_err(d_x_pred, expected) <= 1e-5
+
+    # With active LoRA dropout the stacked primal/tangent rows would get different masks: not supported.
+    dropout_model = tiny_model("tinyA")
+    add_pmf_lora(dropout_model, rank=4, dropout=0.1)
+    dropout_model.train()
+    assert not explicit_jvp_supported(dropout_model)
+    dropout_model.eval()
+    assert explicit_jvp_supported(dropout_model)
