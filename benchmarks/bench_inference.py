@@ -193,6 +193,8 @@ def parse_args(argv=None):
                         help="cast: a bf16 copy of the model (pipe.transformer.to(torch.bfloat16)); autocast: fp32 "
                              "model under torch.autocast('cpu', bfloat16); none: skip bf16")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(transformer) in fp32")
+    parser.add_argument("--fuse-qkv", action="store_true",
+                        help="also time fp32 with fused QKV projections (transformer.fuse_qkv_projections())")
     parser.add_argument("--gemm-size", type=int, default=2048)
     parser.add_argument("--gemm-repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
@@ -231,6 +233,10 @@ def main(argv=None) -> int:
     bf16_model = None
     if args.bf16_mode == "cast":
         bf16_model = copy.deepcopy(model).to(torch.bfloat16)
+    fused_model = None
+    if args.fuse_qkv:
+        fused_model = copy.deepcopy(model)
+        fused_model.fuse_qkv_projections()
     compiled = None
     if args.compile:
         compiled = torch.compile(model)
@@ -275,6 +281,8 @@ def main(argv=None) -> int:
             fns["transformer_bf16"] = run_autocast
         if compiled is not None:
             fns["transformer_fp32_compiled"] = lambda: run_transformer(compiled)
+        if fused_model is not None:
+            fns["transformer_fp32_fused_qkv"] = lambda: run_transformer(fused_model)
         # The GEMM peak is timed inside the same rotation, so that it sees the same machine load as the model.
         for dtype_name, (a, b) in gemm_operands.items():
             fns[f"gemm_{dtype_name}"] = lambda a=a, b=b: torch.mm(a, b)
@@ -314,6 +322,13 @@ def main(argv=None) -> int:
             row["bf16_max_abs_dev"] = float(diff.max())
             row["bf16_max_rel_dev"] = float(diff.max() / reference.abs().max())
             row["bf16_mean_rel_dev"] = float(diff.mean() / reference.abs().mean())
+        if fused_model is not None:
+            row["fp32_fused_qkv_percent_of_gemm_peak"] = (
+                100 * row["gflops"]["transformer_fp32_fused_qkv"] / row["gemm_gflops"]["float32"])
+            row["fused_qkv_speedup"] = medians["transformer_fp32"] / medians["transformer_fp32_fused_qkv"]
+            row["fused_qkv_speedup_paired"] = statistics.median(
+                u / f for u, f in zip(times["transformer_fp32"], times["transformer_fp32_fused_qkv"]))
+            row["fused_qkv_max_abs_dev"] = float((run_transformer(fused_model) - reference).abs().max())
         if compiled is not None:
             row["compile_speedup"] = medians["transformer_fp32"] / medians["transformer_fp32_compiled"]
             row["compile_max_abs_dev"] = float((run_transformer(compiled) - reference).abs().max())
@@ -336,6 +351,8 @@ def main(argv=None) -> int:
 
 def render_table(results: dict) -> str:
     peaks = results["gemm_peak"]
+    fused = any("fused_qkv_speedup" in row for row in results["rows"])
+    compiled = any("compile_speedup" in row for row in results["rows"])
     lines = [
         f"GEMM peak ({peaks['float32']['size']}³, median; separate runs at start / end): fp32 "
         f"{peaks['float32']['gflops_median']:.0f} / {peaks['float32_end']['gflops_median']:.0f} GFLOP/s"
@@ -346,9 +363,10 @@ def render_table(results: dict) -> str:
         f"{results['flops_per_image']['flop_counter'] / 1e9:.2f} G (FlopCounterMode); bf16 = {results['bf16_mode']}",
         "",
         "| batch | fp32 img/s | fp32 GFLOP/s | GEMM peak fp32 / bf16 (same rounds) | fp32 % of GEMM peak | pipeline overhead | bf16 img/s | bf16 speed-up "
-        "| bf16 % of bf16 peak | bf16 max abs / rel dev |" + (" compiled img/s |" if any(
-            "compile_speedup" in r for r in results["rows"]) else ""),
-        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if any("compile_speedup" in r for r in results["rows"]) else ""),
+        "| bf16 % of bf16 peak | bf16 max abs / rel dev |"
+        + (" fused-QKV fp32 img/s (% of GEMM peak; speed-up, paired) |" if fused else "")
+        + (" compiled img/s |" if compiled else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * (fused + compiled),
     ]
     for row in results["rows"]:
         ips = row["images_per_s"]
@@ -365,6 +383,9 @@ def render_table(results: dict) -> str:
                       f"{row['bf16_max_abs_dev']:.3g} / {row['bf16_max_rel_dev']:.2%}"]
         else:
             cells += ["–"] * 4
+        if "fused_qkv_speedup" in row:
+            cells.append(f"{ips['transformer_fp32_fused_qkv']:.2f} ({row['fp32_fused_qkv_percent_of_gemm_peak']:.0f}%; "
+                         f"{row['fused_qkv_speedup']:.2f}×, {row['fused_qkv_speedup_paired']:.2f}×)")
         if "compile_speedup" in row:
             cells.append(f"{ips['transformer_fp32_compiled']:.2f} ({row['compile_speedup']:.2f}×)")
         lines.append("| " + " | ".join(cells) + " |")

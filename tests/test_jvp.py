@@ -63,6 +63,11 @@ def test_explicit_jvp_equals_torch_func_jvp(name, single_thread):
         _, expected_time_only = reference_jvp(model, primals, zero_z, conditions)
     assert d_time_only.abs().max() > 0
     assert max_rel_err(d_time_only, expected_time_only) <= 1e-5
+    # Fused QKV projections (an inference option) take their own branch.
+    model.fuse_qkv_projections()
+    with torch.no_grad():
+        _, d_x_pred_fused = u_head_jvp(model, primals, tangents, *conditions)
+    assert max_rel_err(d_x_pred_fused, expected_d_x_pred) <= 1e-5
 
 
 def test_explicit_jvp_with_lora_and_its_fallback_rule(single_thread):

@@ -159,3 +159,21 @@ def test_flax_parameters_give_the_same_forward():
 
 def test_reference_dir_points_at_shared_reference():
     assert REFERENCE_DIR.name == "reference" and REFERENCE_DIR.parent.name == "shared"
+
+
+@pytest.mark.parametrize("name", ["tinyA", "tinyB"])
+def test_fused_qkv_projections_keep_parity_and_unfuse(name):
+    ref = load_reference(f"{name}_forward")
+    model = _model(name)
+    unfused = _forward(model, ref)
+    model.fuse_qkv_projections()
+    attn = model.transformer_blocks[0].attn
+    assert attn.fused_projections and attn.to_qkv.weight.shape == (3 * attn.inner_dim, attn.to_q.in_features)
+    fused = _forward(model, ref)
+    assert max_rel_err(fused.sample, ref["u_head_xpred"]) <= TOL
+    assert max_rel_err(fused.v_sample, ref["v_head_xpred"]) <= TOL
+    assert max_rel_err(fused.sample, unfused.sample) <= 1e-6
+
+    model.unfuse_qkv_projections()
+    assert not hasattr(attn, "to_qkv") and not attn.fused_projections
+    assert torch.equal(_forward(model, ref).sample, unfused.sample)

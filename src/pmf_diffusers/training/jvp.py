@@ -50,9 +50,13 @@ def attention_jvp(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """QK-normed, RoPE-rotated softmax attention (as `PMFEagerAttnProcessor`: softmax in fp32) and its tangent."""
     heads = attn.heads
-    query, d_query = (part.unflatten(-1, (heads, -1)) for part in _linear_pair(attn.to_q, x, dx))
-    key, d_key = (part.unflatten(-1, (heads, -1)) for part in _linear_pair(attn.to_k, x, dx))
-    value, d_value = (part.unflatten(-1, (heads, -1)) for part in _linear_pair(attn.to_v, x, dx))
+    if attn.fused_projections:
+        qkv, d_qkv = (part.unflatten(-1, (3 * heads, -1)).chunk(3, dim=2) for part in _linear_pair(attn.to_qkv, x, dx))
+        (query, key, value), (d_query, d_key, d_value) = qkv, d_qkv
+    else:
+        query, d_query = (part.unflatten(-1, (heads, -1)) for part in _linear_pair(attn.to_q, x, dx))
+        key, d_key = (part.unflatten(-1, (heads, -1)) for part in _linear_pair(attn.to_k, x, dx))
+        value, d_value = (part.unflatten(-1, (heads, -1)) for part in _linear_pair(attn.to_v, x, dx))
     query, d_query = rms_norm_jvp(attn.norm_q, query, d_query)
     key, d_key = rms_norm_jvp(attn.norm_k, key, d_key)
     # The rotation is linear: rotate primal and tangent rows together.
