@@ -250,6 +250,29 @@ def test_fuse_unfuse_and_disable(saved_adapter, base_sample):
     assert max_rel_err(sample(pipe), base_sample) <= 1e-5
 
 
+def test_fused_qkv_projections_and_lora(saved_adapter):
+    pipe = make_pipe()
+    pipe.load_lora_weights(saved_adapter, adapter_name="a")
+    with_lora = sample(pipe)
+    # to_qkv would be a plain copy of the base weights and silently bypass the adapter.
+    with pytest.raises(ValueError, match="unfuse_qkv_projections"):
+        pipe.transformer.fuse_qkv_projections()
+    # The supported order: merge the adapter into the weights, drop the LoRA layers, then fuse.
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    pipe.transformer.fuse_qkv_projections()
+    assert max_rel_err(sample(pipe), with_lora) <= 1e-5
+
+    # Adapters loaded after fusing are caught at the first call.
+    fused_first = make_pipe()
+    fused_first.transformer.fuse_qkv_projections()
+    fused_first.load_lora_weights(saved_adapter, adapter_name="a")
+    with pytest.raises(ValueError, match="unfuse_qkv_projections"):
+        sample(fused_first)
+    fused_first.transformer.unfuse_qkv_projections()
+    assert torch.equal(sample(fused_first), with_lora)
+
+
 def test_multiple_adapters(saved_adapter, tmp_path, base_sample):
     save_pmf_lora(random_adapter("b"), tmp_path / "b", adapter_name="b")
     pipe = make_pipe()

@@ -109,6 +109,7 @@ class PMFAttnProcessor:
         rope_freqs: torch.Tensor,
     ) -> torch.Tensor:
         if attn.fused_projections:
+            attn.check_fused_projections()
             # One GEMM three times as wide runs closer to the machine's GEMM peak than three narrow ones.
             query, key, value = attn.to_qkv(hidden_states).unflatten(-1, (3 * attn.heads, -1)).chunk(3, dim=2)
         else:
@@ -174,6 +175,19 @@ class PMFAttention(nn.Module, AttentionModuleMixin):
         self.norm_k = PMFRMSNorm(head_dim, eps=eps)
         self.to_out = nn.Linear(self.inner_dim, dim, bias=False)
         self.set_processor(self._default_processor_cls())
+
+    def fuse_projections(self):
+        self.check_fused_projections()
+        super().fuse_projections()
+
+    def check_fused_projections(self):
+        # `to_qkv` is a plain copy of the three weights: LoRA layers on to_q/to_k/to_v would be silently bypassed.
+        if not all(type(layer) is nn.Linear for layer in (self.to_q, self.to_k, self.to_v)):
+            raise ValueError(
+                "Fused QKV projections cannot be combined with LoRA adapters on to_q/to_k/to_v: call "
+                "`transformer.unfuse_qkv_projections()` before loading adapters, or fuse the LoRA first "
+                "(`pipe.fuse_lora()`, then `pipe.unload_lora_weights()`) and fuse the projections after."
+            )
 
     def forward(self, hidden_states: torch.Tensor, rope_freqs: torch.Tensor) -> torch.Tensor:
         return self.processor(self, hidden_states, rope_freqs)
