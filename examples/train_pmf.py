@@ -4,9 +4,9 @@
 
     accelerate launch examples/train_pmf.py --preset toy-cpu --train_data_dir data/toy --output_dir runs/toy
 
-One script for one CPU, one GPU or many (DDP; configure with `accelerate config` or `accelerate launch` flags; FSDP and
-DeepSpeed are refused with an explanation, as the objective needs replicated weights). See
-`--help` for every option and worked examples. The objective, optimizer, EMA, data transforms and presets live in
+One script for one CPU, one GPU or many: DDP, or FSDP2 (`accelerate launch --use_fsdp --fsdp_version 2`), configured with
+`accelerate config` or `accelerate launch` flags; FSDP1 and DeepSpeed are refused (docs/training.md, "Multi-GPU: DDP and
+FSDP"). See `--help` for every option and worked examples. The objective, optimizer, EMA, data transforms and presets live in
 `pmf_diffusers.training` (this file only wires them together, diffusers-example style).
 """
 
@@ -35,6 +35,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from pmf_diffusers import PMFPipeline, PMFScheduler, PMFTransformer2DModel, load_imagenet_id2label
@@ -53,6 +54,8 @@ from pmf_diffusers.training.toy_data import save_image_grid
 logger = get_logger(__name__, log_level="INFO")
 
 CHECKPOINT_MARKER = "pmf_checkpoint.json"
+# The model weights in an accelerate checkpoint: DDP / one process, FSDP sharded (a DCP folder), FSDP full state dict.
+CHECKPOINT_MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model_fsdp_0", "pytorch_model_fsdp.bin")
 V_HEAD_PREFIXES = ("v_head_blocks.", "v_norm_out.", "v_proj_out.")
 OFFICIAL_SAMPLE_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # torch `evaluate.py --mode sample`
 SHAPE_FLAGS = (
@@ -132,7 +135,12 @@ examples:
       --mixed_precision no --dynamo_backend no --main_process_port 29511 examples/train_pmf.py \
       --preset tiny-test --train_data_dir data/toy --output_dir runs/ddp --debug_dump_weights_hash
 
-  # 5. LoRA fine-tuning of converted weights on your own classes (docs/lora.md): one folder per name of labels.txt;
+  # 5. FSDP2 (parameters, gradients, Muon/Adam state and EMAs sharded over the processes; docs/training.md)
+  accelerate launch --use_fsdp --fsdp_version 2 --num_processes 8 --mixed_precision bf16 \
+      --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_transformer_layer_cls_to_wrap PMFTransformerBlock \
+      --fsdp_state_dict_type SHARDED_STATE_DICT examples/train_pmf.py --preset pMF-H/16 ...
+
+  # 6. LoRA fine-tuning of converted weights on your own classes (docs/lora.md): one folder per name of labels.txt;
   #    the base stays frozen, the export is the adapter runs/my-shapes/lora (pipe.load_lora_weights(...))
   accelerate launch examples/train_pmf.py --pretrained_model checkpoints/pMF-B-16 --train_data_dir my_images \
       --lora_rank 16 --new_label_set labels.txt --learning_rate 1e-4 --max_train_steps 2000 --output_dir runs/my-shapes
@@ -479,10 +487,16 @@ def unwrap_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.M
     return getattr(model, "_orig_mod", model)
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP2 shard (collective: every process must call it), else the tensor itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def weights_sha256(tensors) -> str:
+    """Hash of the full tensors (collective under FSDP: call it on every process)."""
     digest = hashlib.sha256()
     for tensor in tensors:
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        digest.update(full_tensor(tensor.detach()).float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -506,7 +520,7 @@ def resolve_resume_checkpoint(value: str | None, output_dir: Path) -> Path | Non
     path = Path(value).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"--resume_from_checkpoint {path} does not exist or is not a folder.")
-    if not (path / CHECKPOINT_MARKER).is_file() or not any((path / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
+    if not (path / CHECKPOINT_MARKER).is_file() or not any((path / name).exists() for name in CHECKPOINT_MODEL_FILES):
         inside = [p.name for p in complete_checkpoints(path)]
         hint = f" It contains the checkpoints {', '.join(inside)}: pass one of them." if inside else ""
         raise CheckpointError(
@@ -786,6 +800,23 @@ def model_card_info(args, data, preset: TrainingPreset, loss_config: PMFLossConf
     return info
 
 
+def full_state_dict(
+    accelerator: Accelerator, model: torch.nn.Module, ema: MultiEMA | None, ema_key: str | None
+) -> dict[str, torch.Tensor] | None:
+    """The weights (with the EMA `ema_key` applied) as full fp32 CPU tensors on the main process, None elsewhere.
+    Call on all processes: under FSDP the weights and the EMA shadows are gathered from the shards."""
+    state_dict = accelerator.get_state_dict(model)
+    shadows = [full_tensor(s) for s in ema[ema_key].shadow_params] if ema is not None and ema_key is not None else None
+    if not accelerator.is_main_process:
+        return None
+    state_dict = {k: v.detach().float().cpu().clone() for k, v in state_dict.items()}
+    if shadows is not None:
+        names = [name for name, _ in unwrap_model(accelerator, model).named_parameters()]
+        for name, shadow in zip(names, shadows):
+            state_dict[name] = shadow.detach().float().cpu().clone()
+    return state_dict
+
+
 def export_pipeline(
     destination: Path,
     accelerator: Accelerator,
@@ -800,16 +831,11 @@ def export_pipeline(
 ) -> Path | None:
     """Write the (EMA) weights as a PMFPipeline (safetensors) to `destination`, via a temporary folder + rename.
 
-    Call on all processes (gathering a sharded state dict is collective); the main process writes."""
-    state_dict = accelerator.get_state_dict(model)
+    Call on all processes (gathering sharded weights is collective); the main process writes."""
+    state_dict = full_state_dict(accelerator, model, ema, ema_key)
     if not accelerator.is_main_process:
         return None
     unwrapped = unwrap_model(accelerator, model)
-    state_dict = {k: v.detach().float().cpu().clone() for k, v in state_dict.items()}
-    if ema is not None and ema_key is not None:
-        names = [name for name, _ in unwrapped.named_parameters()]
-        for name, shadow in zip(names, ema[ema_key].shadow_params):
-            state_dict[name] = shadow.detach().float().cpu().clone()
     config = {k: v for k, v in dict(unwrapped.config).items() if not k.startswith("_")}
     if drop_v_head:
         config["with_v_head"] = False
@@ -1075,13 +1101,22 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
     else:
         datasets.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
         raise TrainingSetupError(
-            f"{accelerator.distributed_type} is not supported yet: pmf_loss runs its no-grad target pass and JVP on the "
-            "unwrapped transformer, which needs the full (replicated) weights on every process, and the EMA is kept "
-            "per process. Use data parallelism (`accelerate launch --multi_gpu`, i.e. DDP); --gradient_checkpointing, "
-            "--mixed_precision bf16 and a smaller --train_batch_size with --gradient_accumulation_steps save memory."
+            f"{accelerator.distributed_type} is not supported: the Muon optimizer, the EMA and pmf_loss's no-grad JVP "
+            "pass work with plain or FSDP2-sharded (DTensor) weights. Use DDP (`accelerate launch --multi_gpu`) or "
+            "FSDP2 (`accelerate launch --use_fsdp --fsdp_version 2`, docs/training.md)."
         )
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if sharded and not accelerator.is_fsdp2:
+        raise TrainingSetupError("FSDP1 is not supported: launch with --fsdp_version 2 (or fsdp_version: 2 in the "
+                                 "accelerate config).")
+    if sharded and accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:
+        raise TrainingSetupError("FSDP cpu_ram_efficient_loading (on by default in `accelerate launch`) only works for "
+                                 "🤗 Transformers models: pass --fsdp_cpu_ram_efficient_loading false.")
+    if sharded and args.lora_rank is not None:
+        raise TrainingSetupError("--lora_rank is not supported with FSDP (the adapter is small): use DDP "
+                                 "(`accelerate launch --multi_gpu`).")
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -1393,7 +1428,8 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
 
     def save_checkpoint(step: int) -> Path:
         # Refuse to save diverged weights (e.g. an inf gradient that left a finite loss).
-        finite = torch.tensor(float(all(torch.isfinite(p).all() for p in unwrapped.parameters())), device=accelerator.device)
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in unwrapped.parameters()]  # FSDP: own shard
+        finite = torch.tensor(float(all(torch.isfinite(p).all() for p in local)), device=accelerator.device)
         if accelerator.reduce(finite, "sum").item() < world:
             raise NonFiniteLossError(
                 f"Non-finite weights after step {step}: not saving a checkpoint. Last good checkpoint: "
@@ -1442,10 +1478,18 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
 
     def run_validation(step: int) -> Path | None:
         path = None
+        sampler, sampler_ema = model, ema
+        if sharded:  # sample with a gathered copy on the main process (an FSDP forward would need every process)
+            state_dict = full_state_dict(accelerator, model, ema, ema_key)
+            if accelerator.is_main_process:
+                sampler, sampler_ema = PMFTransformer2DModel.from_config(unwrapped.config), None
+                sampler.load_state_dict(state_dict, strict=True)
+                sampler.to(accelerator.device)
         if accelerator.is_main_process:
-            path = log_validation(accelerator, model, ema, ema_key, loss_config.noise_scale, validation_classes,
-                                  args.validation_images_per_class, guidance_scale, guidance_interval, args.seed,
-                                  output_dir, step, ema_params=ema_params)
+            path = log_validation(accelerator, sampler, sampler_ema, ema_key, loss_config.noise_scale,
+                                  validation_classes, args.validation_images_per_class, guidance_scale,
+                                  guidance_interval, args.seed, output_dir, step,
+                                  ema_params=ema_params if sampler is model else None)
         accelerator.wait_for_everyone()
         return path
 

@@ -7,6 +7,9 @@ by the official pMF code and must never be modified; tests compare against them 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -183,3 +186,33 @@ def isolated_accelerate():
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     torch.set_num_threads(threads)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# FSDP2 over the blocks, as docs/training.md recommends; accelerate's cpu_ram_efficient_loading is for Transformers only.
+FSDP2_LAUNCH_FLAGS = (
+    "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+    "--fsdp_transformer_layer_cls_to_wrap", "PMFTransformerBlock", "--fsdp_cpu_ram_efficient_loading", "false",
+)
+
+
+def launch_train_script(*script_args: str, fsdp: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch` `examples/train_pmf.py` on two CPU processes (gloo): DDP, or FSDP2 with `fsdp=True` (through
+    `tests/cpu_fsdp_launch.py`, since accelerate enables FSDP only on accelerator devices)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1"}
+    if fsdp:
+        mode, script = FSDP2_LAUNCH_FLAGS, REPO_ROOT / "tests" / "cpu_fsdp_launch.py"
+    else:
+        mode, script = ("--multi_gpu",), REPO_ROOT / "examples" / "train_pmf.py"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(script),
+        *script_args,
+    ]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)

@@ -12,6 +12,10 @@ with ``ref_batch = 1024`` hard-coded in the official code (it is *not* the actua
 three EMAs with half-lives 500, 1000 and 2000 kimg (steady-state beta 0.998581 / 0.999290 / 0.999645, reached at
 steps 9766 / 19531 / 39062).
 
+Sharded parameters (FSDP2 ``DTensor`` s) get sharded shadows, updated shard-locally. ``state_dict()`` gathers the full
+shadows (collective: call it on every process, as ``accelerator.save_state`` does) so the checkpoint file, written
+by the main process, holds whole tensors; ``load_state_dict`` keeps each process's shard of them.
+
 ``diffusers.training_utils.EMAModel`` does not implement this schedule (its decay is ``1 - (1 + s) / (10 + s)``
 warm-up or the ``inv_gamma``/``power`` schedule, capped at ``decay``), hence these small classes.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 __all__ = ["edm_ema_beta", "PowerEMA", "MultiEMA"]
 
@@ -143,13 +148,22 @@ class PowerEMA:
         return self
 
     # -- checkpointing --------------------------------------------------------------------------------------
+    @staticmethod
+    def _full(shadow: torch.Tensor) -> torch.Tensor:
+        """A full copy of a shadow (gathered across processes when sharded)."""
+        return shadow.full_tensor() if isinstance(shadow, DTensor) else shadow.detach().clone()
+
+    def full_shadow_params(self) -> list[torch.Tensor]:
+        """The shadows as whole tensors (collective when sharded: call it on every process)."""
+        return [self._full(s) for s in self.shadow_params]
+
     def state_dict(self) -> dict:
         return {
             "half_life_kimg": self.half_life_kimg,
             "ref_batch": self.ref_batch,
             "rampup_ratio": self.rampup_ratio,
             "num_updates": self.num_updates,
-            "shadow_params": [s.detach().clone() for s in self.shadow_params],
+            "shadow_params": self.full_shadow_params(),
         }
 
     @torch.no_grad()
@@ -160,7 +174,10 @@ class PowerEMA:
         for s, src in zip(self.shadow_params, shadows):
             if tuple(s.shape) != tuple(src.shape):
                 raise ValueError(f"shape mismatch: {tuple(src.shape)} vs {tuple(s.shape)}")
-            s.copy_(src.to(device=s.device, dtype=s.dtype))
+            src = src.to(device=s.device, dtype=s.dtype)
+            if isinstance(s, DTensor):  # this process's shard of the full tensor (no communication)
+                src = distribute_tensor(src, s.device_mesh, s.placements, src_data_rank=None)
+            s.copy_(src)
         self.half_life_kimg = float(state_dict.get("half_life_kimg", self.half_life_kimg))
         self.ref_batch = int(state_dict.get("ref_batch", self.ref_batch))
         self.rampup_ratio = state_dict.get("rampup_ratio", self.rampup_ratio)

@@ -12,11 +12,13 @@ runs without autograd, and one ordinary forward of both heads carries the gradie
 """
 
 import logging
+import weakref
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
+from torch.distributed.tensor import DTensor
 
-from ..models.transformer_pmf import PMFEagerAttnProcessor
+from ..models.transformer_pmf import PMFEagerAttnProcessor, PMFTransformer2DModel
 from .jvp import explicit_jvp_supported, u_head_jvp
 
 logger = logging.getLogger(__name__)
@@ -206,10 +208,48 @@ def adaptive_weight(per_sample_loss: torch.Tensor, norm_p: float, norm_eps: floa
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare transformer behind DDP / torch.compile wrappers (functorch transforms must not see DDP hooks)."""
+    """The bare transformer behind DDP / torch.compile wrappers (functorch transforms must not see DDP hooks). FSDP2
+    shards the model in place: its parameters stay `DTensor`s, see `_with_full_weights`."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or model._orig_mod
     return model
+
+
+class _CallWith(torch.nn.Module):
+    """Holds a model so that `torch.func.functional_call` can swap its weights for any function of it."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, function, *args):
+        return function(self.model, *args)
+
+
+_meta_replicas: "weakref.WeakKeyDictionary[torch.nn.Module, _CallWith]" = weakref.WeakKeyDictionary()
+
+
+def _with_full_weights(model: torch.nn.Module, function, *args):
+    """`function(model, *args)`, with the full weights when FSDP2 has sharded them (parameters are `DTensor`s).
+
+    The no-grad passes call blocks' layers directly (the explicit JVP) or run under `torch.func.jvp`, which FSDP's
+    forward hooks do not support. So under FSDP2 every process gathers the full parameters once (collective) and runs
+    `function` on a parameter-free replica of the model (built on the meta device) that borrows them; they are
+    released when it returns. Unsharded models run as they are.
+    """
+    if not isinstance(next(model.parameters()), DTensor):
+        return function(model, *args)
+    if model not in _meta_replicas:
+        with torch.device("meta"):
+            _meta_replicas[model] = _CallWith(PMFTransformer2DModel.from_config(model.config))
+    replica = _meta_replicas[model]
+    replica.model.train(model.training)
+    tensors = {
+        f"model.{name}": param.full_tensor() if isinstance(param, DTensor) else param
+        for name, param in model.named_parameters()
+    }
+    tensors.update({f"model.{name}": buffer for name, buffer in model.named_buffers()})
+    return torch.func.functional_call(replica, tensors, (function, *args), strict=True)
 
 
 def _u_head_jvp_autograd(model, primals, tangents, class_labels, guidance, interval_start, interval_end):
@@ -278,10 +318,13 @@ def pmf_loss(
     # samples the interval is [0, 1], so the official separate "raw ω" pass gives the same v_c there.)
     in_interval = (t_min <= t) & (t <= t_max)
     omega_masked = torch.where(in_interval, omega, torch.ones_like(omega))
-    with torch.no_grad():
-        doubled = torch.cat([z_t, z_t]).to(dtype)
-        x_pred_v = model(
-            doubled,
+    drop = draws.drop_mask.bool().to(x.device)
+    labels_after_drop = torch.where(drop, torch.full_like(labels, num_classes), labels)
+
+    def target_and_jvp(net: torch.nn.Module):
+        """The two no-grad passes: v_c, v_u from the v-head, then the u-head x-prediction and its JVP along v_c."""
+        x_pred_v = net(
+            torch.cat([z_t, z_t]).to(dtype),
             timestep=torch.cat([t, t]),
             r_timestep=torch.cat([t, t]),
             class_labels=torch.cat([labels, torch.full_like(labels, num_classes)]),
@@ -292,31 +335,32 @@ def pmf_loss(
             return_dict=False,
         )[0].float()
         v_c, v_u = ((torch.cat([z_t, z_t]) - x_pred_v) / torch.cat([time_floor, time_floor])).chunk(2)
+
+        # du/dt along (dz, dt, dr) = (v_c, 1, 0): trunk + u-head only, without autograd.
+        primals = (z_t.to(dtype), t, r)
+        tangents = (v_c.to(dtype), torch.ones_like(t), torch.zeros_like(r))
+        conditions = (labels_after_drop, omega, t_min, t_max)
+        with torch.autocast(
+            device_type=x.device.type, enabled=not config.jvp_in_fp32 and torch.is_autocast_enabled(x.device.type)
+        ):
+            if config.explicit_jvp and explicit_jvp_supported(net):
+                x_pred_u, d_x_pred_u = u_head_jvp(net, primals, tangents, *conditions)
+            else:
+                x_pred_u, d_x_pred_u = _u_head_jvp_autograd(net, primals, tangents, *conditions)
+        return v_c, v_u, x_pred_u, d_x_pred_u
+
+    with torch.no_grad():
+        v_c, v_u, x_pred_u, d_x_pred_u = _with_full_weights(model, target_and_jvp)
         v_g_before_drop = v_t + (1 - 1 / column(omega_masked)) * (v_c - v_u)
-
-    drop = draws.drop_mask.bool().to(x.device)
-    labels_after_drop = torch.where(drop, torch.full_like(labels, num_classes), labels)
-    v_g = torch.where(column(drop) > 0, v_t, v_g_before_drop)
-
-    # du/dt along (dz, dt, dr) = (v_c, 1, 0): trunk + u-head only, without autograd.
-    primals = (z_t.to(dtype), t, r)
-    tangents = (v_c.to(dtype), torch.ones_like(t), torch.zeros_like(r))
-    conditions = (labels_after_drop, omega, t_min, t_max)
-    with torch.no_grad(), torch.autocast(
-        device_type=x.device.type, enabled=not config.jvp_in_fp32 and torch.is_autocast_enabled(x.device.type)
-    ):
-        if config.explicit_jvp and explicit_jvp_supported(model):
-            x_pred_u, d_x_pred_u = u_head_jvp(model, primals, tangents, *conditions)
-        else:
-            x_pred_u, d_x_pred_u = _u_head_jvp_autograd(model, primals, tangents, *conditions)
         # u = (z − x̂)/max(t, t_min): the floor's derivative follows torch's clamp rule, as in a JVP of the whole map.
         _, du_dt = torch.func.jvp(
             lambda z, x_pred, time: (z - x_pred.float()) / column(time).clamp(min=config.min_time, max=1.0),
             (z_t, x_pred_u, t),
             (v_c, d_x_pred_u, torch.ones_like(t)),
         )
+    v_g = torch.where(column(drop) > 0, v_t, v_g_before_drop)
 
-    # The gradient-carrying pass (wrapped model, so DDP hooks and checkpointing apply).
+    # The gradient-carrying pass (wrapped model, so DDP / FSDP hooks and checkpointing apply).
     x_pred_u, x_pred_v = transformer(
         z_t.to(dtype),
         timestep=t,

@@ -33,6 +33,11 @@ All optimiser state lives in the ordinary ``torch.optim.Optimizer`` state (``ste
 
 Unlike ``torch.optim.Muon`` (bf16 Newton-Schulz, different momentum and scaling conventions) the orthogonalisation
 here always runs in fp32.
+
+Sharded parameters (FSDP2 ``DTensor`` s): the Adam part and the Muon momentum are elementwise and run on each
+process's shard. Newton-Schulz needs the whole matrix, so the momentum-corrected update is gathered with
+``full_tensor()`` (collective), orthogonalised on every process (redundant but small next to the model's work) and
+only the process's own shard of the result is applied.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 __all__ = ["Muon", "muon_param_groups", "newton_schulz_orthogonalize"]
 
@@ -204,8 +210,10 @@ class Muon(torch.optim.Optimizer):
                 g_hat = (m / bc_next).mul_(beta).add_((g / bc).mul_(1.0 - beta))
             else:
                 g_hat = m / _bias_correction(beta, count)
+            if isinstance(g_hat, DTensor):
+                g_hat = g_hat.full_tensor()  # FSDP2: the whole matrix, identical on every process
             # Flax kernel layout (in, out) = W.T: optax orthogonalises that orientation.
-            key = (count, tuple(p.shape), p.device)
+            key = (count, tuple(p.shape), g_hat.device)
             buckets.setdefault(key, []).append((p, g_hat.T))
 
         for (_, shape, _), items in buckets.items():
@@ -217,6 +225,8 @@ class Muon(torch.optim.Optimizer):
             scale = math.sqrt(max(1.0, fan_out / fan_in))
             for i, (p, _) in enumerate(items):
                 upd = ortho[i].T * scale
+                if isinstance(p, DTensor):  # keep this process's shard (no communication)
+                    upd = distribute_tensor(upd, p.device_mesh, p.placements, src_data_rank=None)
                 if wd != 0.0:
                     upd = upd + wd * p.to(torch.float32)
                 p.add_(upd.to(p.dtype), alpha=-lr)
