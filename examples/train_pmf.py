@@ -4,10 +4,10 @@
 
     accelerate launch examples/train_pmf.py --preset toy-cpu --train_data_dir data/toy --output_dir runs/toy
 
-One script for one CPU, one GPU or many: DDP, or FSDP2 (`accelerate launch --use_fsdp --fsdp_version 2`), configured with
-`accelerate config` or `accelerate launch` flags; FSDP1 and DeepSpeed are refused (docs/training.md, "Multi-GPU: DDP and
-FSDP"). See `--help` for every option and worked examples. The objective, optimizer, EMA, data transforms and presets live in
-`pmf_diffusers.training` (this file only wires them together, diffusers-example style).
+One script for one CPU, one GPU or many: DDP, or FSDP2 (`accelerate launch --use_fsdp --fsdp_version 2`), configured
+with `accelerate config` or `accelerate launch` flags; FSDP1 and DeepSpeed are refused (docs/training.md, "Multi-GPU:
+DDP and FSDP"). See `--help` for every option and worked examples. The objective, optimizer, EMA, data transforms and
+presets live in `pmf_diffusers.training` (this file only wires them together, diffusers-example style).
 """
 
 from __future__ import annotations
@@ -138,7 +138,8 @@ examples:
   # 5. FSDP2 (parameters, gradients, Muon/Adam state and EMAs sharded over the processes; docs/training.md)
   accelerate launch --use_fsdp --fsdp_version 2 --num_processes 8 --mixed_precision bf16 \
       --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_transformer_layer_cls_to_wrap PMFTransformerBlock \
-      --fsdp_state_dict_type SHARDED_STATE_DICT examples/train_pmf.py --preset pMF-H/16 ...
+      --fsdp_state_dict_type SHARDED_STATE_DICT --fsdp_cpu_ram_efficient_loading false \
+      examples/train_pmf.py --preset pMF-H/16 ...
 
   # 6. LoRA fine-tuning of converted weights on your own classes (docs/lora.md): one folder per name of labels.txt;
   #    the base stays frozen, the export is the adapter runs/my-shapes/lora (pipe.load_lora_weights(...))
