@@ -33,8 +33,9 @@ import datasets
 import diffusers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, is_wandb_available, set_seed
 from diffusers.optimization import get_scheduler
+from PIL import Image
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
@@ -151,11 +152,11 @@ batch size: --train_batch_size is per device (diffusers convention); --global_ba
 num_processes x gradient_accumulation_steps. With neither, the preset's global batch is used.
 
 outputs (in --output_dir): training_args.json (arguments, exact command, resolved recipe), logs/ (tensorboard,
-metrics.jsonl), samples/step_XXXXXXX.png (one-step EMA samples, fixed seeds and classes), checkpoint-STEP/
-(accelerate state + pmf_checkpoint.json; written to .tmp-checkpoint-STEP and renamed when complete), pipeline/
-(the exported EMA model as a PMFPipeline, loadable with PMFPipeline.from_pretrained); with --lora_rank instead
-lora/ (the LoRA adapter with the EMA weights, README.md model card and samples.png; load it on top of the base with
-PMFPipeline.from_pretrained(base).load_lora_weights(output_dir/lora)).
+metrics.jsonl, wandb/ with --report_to wandb), samples/step_XXXXXXX.png (one-step EMA samples, fixed seeds and
+classes), checkpoint-STEP/ (accelerate state + pmf_checkpoint.json; written to .tmp-checkpoint-STEP and renamed when
+complete), pipeline/ (the exported EMA model as a PMFPipeline, loadable with PMFPipeline.from_pretrained); with
+--lora_rank instead lora/ (the LoRA adapter with the EMA weights, README.md model card and samples.png; load it on top
+of the base with PMFPipeline.from_pretrained(base).load_lora_weights(output_dir/lora)).
 """
 
 
@@ -353,7 +354,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
     group.add_argument(
         "--report_to", type=str, default="tensorboard",
-        help="'tensorboard' (default), 'wandb', 'all' or 'none'.",
+        help="'tensorboard' (default), 'wandb', 'all' (tensorboard, and wandb when installed) or 'none'.",
     )
     group.add_argument("--tracker_project_name", type=str, default="train_pmf", help="Tracker project name.")
     group.add_argument("--logging_steps", type=int, default=1, help="Log scalars every N steps.")
@@ -1049,12 +1050,13 @@ def log_validation(
     images = images.float().cpu()
     path = save_image_grid(images, output_dir / "samples" / f"step_{step:07d}.png", nrow=per_class,
                            value_range=(0.0, 1.0), scale=max(1, 64 // images.shape[-1]))
-    uint8 = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    # Trackers get the saved grid (rows = classes), not loose images that they would re-tile their own way.
+    grid = np.asarray(Image.open(path).convert("RGB"))
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.log_images({"samples": uint8}, step, dataformats="NHWC")
+            tracker.log_images({"samples": grid[None]}, step, dataformats="NHWC")
         elif tracker.name == "wandb":
-            tracker.log_images({"samples": list(uint8)}, step)
+            tracker.log_images({"samples": [grid]}, step)
     return path
 
 
@@ -1073,13 +1075,11 @@ def main(args: argparse.Namespace) -> dict:
         raise TrainingSetupError("With --pretrained_model the model shape comes from the checkpoint: drop the shape flags.")
 
     report_to = None if args.report_to in (None, "none", "") else args.report_to
-    if report_to in ("wandb", "all"):
-        from accelerate.utils import is_wandb_available
-
-        if not is_wandb_available() and report_to == "wandb":
-            raise TrainingSetupError("--report_to wandb needs `pip install wandb` (and `wandb login`).")
-        if not is_wandb_available():
-            report_to = "tensorboard"
+    if report_to == "wandb" and not is_wandb_available():
+        raise TrainingSetupError("--report_to wandb needs `pip install wandb` (then `wandb login` or WANDB_MODE=offline).")
+    if report_to == "all":
+        # accelerate's "all" would also start any other tracker it finds installed (mlflow, comet_ml, ...).
+        report_to = ["tensorboard", "wandb"] if is_wandb_available() else ["tensorboard"]
     project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -1393,7 +1393,10 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
         (output_dir / "training_args.json").write_text(json.dumps(training_args, indent=2, default=str) + "\n")
         tracker_config = {k: v for k, v in {**safe_args, **resolved, **loss_config.to_dict()}.items()
                           if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
+        # The wandb run folder goes next to the tensorboard logs unless WANDB_DIR says otherwise.
+        wandb_dir = os.environ.get("WANDB_DIR", str(output_dir / args.logging_dir))
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config,
+                                  init_kwargs={"wandb": {"dir": wandb_dir}})
     metrics_file = output_dir / args.logging_dir / "metrics.jsonl"
 
     validation_steps = args.validation_steps if args.validation_steps is not None else preset.validation_steps
