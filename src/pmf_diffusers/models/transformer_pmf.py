@@ -203,7 +203,9 @@ class PMFFeedForward(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+        # In-place product: one activation-sized buffer less per block (same values; autograd-safe, silu's backward
+        # needs its input, not its output).
+        return self.down_proj(F.silu(self.gate_proj(hidden_states)).mul_(self.up_proj(hidden_states)))
 
 
 @maybe_allow_in_graph
@@ -220,9 +222,9 @@ class PMFTransformerBlock(nn.Module):
         self.ff_gate = nn.Parameter(torch.zeros(dim))
 
     def forward(self, hidden_states: torch.Tensor, rope_freqs: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.attn_gate * self.attn(self.norm1(hidden_states), rope_freqs)
-        hidden_states = hidden_states + self.ff_gate * self.ff(self.norm2(hidden_states))
-        return hidden_states
+        # h + g ⊙ f(h) as one fused op (addcmul): one pass over the activations instead of two.
+        hidden_states = torch.addcmul(hidden_states, self.attn_gate, self.attn(self.norm1(hidden_states), rope_freqs))
+        return torch.addcmul(hidden_states, self.ff_gate, self.ff(self.norm2(hidden_states)))
 
 
 class PMFBottleneckPatchEmbed(nn.Module):
