@@ -131,6 +131,48 @@ def gemm_peak(dtype: torch.dtype, size: int, repeats: int) -> dict:
             "gflops_median": flops / statistics.median(times) / 1e9, "gflops_best": flops / min(times) / 1e9}
 
 
+def kernel_ceiling(config, batch: int, fused_qkv: bool, gemm_operands, gemm_calls: int, repeats: int) -> dict:
+    """What the blocks' own kernels allow: each GEMM shape of a block and the attention kernel timed in isolation
+    (inputs in cache, nothing else running), in rotation with the 2048³ GEMM reference.
+
+    The resulting "kernel ceiling" is the blocks' FLOPs over the sum of those isolated kernel times: the GFLOP/s the
+    model would reach if every norm, gate, RoPE, copy and framework call were free. It separates "the GEMMs of this
+    shape are slower than a 2048³ GEMM" from "time goes outside the GEMMs"."""
+    import torch.nn.functional as F
+
+    hidden = config.num_attention_heads * config.attention_head_dim
+    tokens = analytic_flops(config, batch)["tokens"]
+    rows = batch * tokens
+    blocks = config.num_layers + config.num_head_layers
+    projections = [(hidden, 3 * hidden, 1), (hidden, hidden, 1)] if fused_qkv else [(hidden, hidden, 4)]
+    shapes = projections + [(hidden, config.mlp_hidden_dim, 2), (config.mlp_hidden_dim, hidden, 1)]
+    kernels, flops_per_block = {}, {}
+    for fan_in, fan_out, count in shapes:
+        x, weight = torch.randn(rows, fan_in), torch.randn(fan_out, fan_in)
+        name = f"linear {rows}x{fan_in}->{fan_out} (x{count})"
+        kernels[name] = lambda x=x, weight=weight: F.linear(x, weight)
+        flops_per_block[name] = (2 * rows * fan_in * fan_out, count)
+    qkv = [torch.randn(batch, config.num_attention_heads, tokens, config.attention_head_dim) for _ in range(3)]
+    kernels["attention (SDPA)"] = lambda: F.scaled_dot_product_attention(*qkv)
+    flops_per_block["attention (SDPA)"] = (4 * batch * tokens * tokens * hidden, 1)
+    a, b = gemm_operands
+    kernels["gemm_reference"] = lambda: [torch.mm(a, b) for _ in range(gemm_calls)]
+    with torch.inference_mode():
+        times = alternate(kernels, repeats, warmup=2)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    peak = 2 * a.shape[0] ** 3 * gemm_calls / medians.pop("gemm_reference") / 1e9
+    block_seconds = sum(medians[name] * count for name, (_, count) in flops_per_block.items())
+    block_flops = sum(flops * count for flops, count in flops_per_block.values())
+    ceiling = block_flops / block_seconds / 1e9
+    return {
+        "gemm_peak_gflops": peak,
+        "kernel_gflops": {name: flops_per_block[name][0] / medians[name] / 1e9 for name in flops_per_block},
+        "ceiling_gflops": ceiling,
+        "ceiling_percent_of_gemm_peak": 100 * ceiling / peak,
+        "blocks_share_of_flops": blocks * block_flops / analytic_flops(config, batch)["total"],
+    }
+
+
 def profile_forward(model, inputs, top: int = 15) -> dict:
     """Where one forward call spends its time (self CPU time per aten op, grouped)."""
     from torch.profiler import ProfilerActivity, profile
@@ -196,6 +238,9 @@ def parse_args(argv=None):
                         help="also time torch.compile(transformer) in fp32 (of the fused model with --fuse-qkv)")
     parser.add_argument("--fuse-qkv", action="store_true",
                         help="also time fp32 with fused QKV projections (transformer.fuse_qkv_projections())")
+    parser.add_argument("--kernel-ceiling", action="store_true",
+                        help="also time each GEMM shape of a block and the attention kernel in isolation (the "
+                             "model's ceiling if everything else were free; uses the fused shapes with --fuse-qkv)")
     parser.add_argument("--gemm-size", type=int, default=2048)
     parser.add_argument("--gemm-repeats", type=int, default=10)
     parser.add_argument("--gemm-calls-per-round", type=int, default=5,
@@ -344,6 +389,14 @@ def main(argv=None) -> int:
             row["fp32_compiled_percent_of_gemm_peak"] = (
                 100 * row["gflops"]["transformer_fp32_compiled"] / row["gemm_gflops"]["float32"])
             row["compile_max_abs_dev"] = float((run_transformer(compiled) - reference).abs().max())
+        if args.kernel_ceiling:
+            row["kernel_ceiling"] = kernel_ceiling(model.config, batch, args.fuse_qkv, gemm_operands["float32"],
+                                                   args.gemm_calls_per_round, repeats=max(repeats, 5))
+            ceiling = row["kernel_ceiling"]
+            print(f"#   kernel ceiling: {ceiling['ceiling_gflops']:.0f} GFLOP/s = "
+                  f"{ceiling['ceiling_percent_of_gemm_peak']:.0f}% of the GEMM peak of its rounds "
+                  f"({ceiling['gemm_peak_gflops']:.0f}); kernels: "
+                  f"{ {k: round(v) for k, v in ceiling['kernel_gflops'].items()} }", flush=True)
         results["rows"].append(row)
         print(f"#   medians (s): { {k: round(v, 4) for k, v in medians.items()} }", flush=True)
 
