@@ -236,6 +236,10 @@ def parse_args(argv=None):
                              "model under torch.autocast('cpu', bfloat16); none: skip bf16")
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile(transformer) in fp32 (of the fused model with --fuse-qkv)")
+    parser.add_argument("--compile-mode", default="default", choices=["default", "max-autotune", "reduce-overhead"],
+                        help="torch.compile mode for --compile")
+    parser.add_argument("--freezing", action="store_true",
+                        help="with --compile: torch._inductor.config.freezing = True (inference-only constant weights)")
     parser.add_argument("--fuse-qkv", action="store_true",
                         help="also time fp32 with fused QKV projections (transformer.fuse_qkv_projections())")
     parser.add_argument("--kernel-ceiling", action="store_true",
@@ -288,8 +292,16 @@ def main(argv=None) -> int:
     compiled = None
     if args.compile:
         # With --fuse-qkv the fused model is the one compiled (the fastest eager configuration).
-        compiled = torch.compile(fused_model if fused_model is not None else model)
-        results["compiled_model"] = "fused_qkv" if fused_model is not None else "plain"
+        if args.freezing:
+            # Inference-only compile: weights become constants, so inductor pre-packs them for oneDNN and folds
+            # what depends only on them (the model must not be trained afterwards).
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = True
+        # Static shapes: each batch size gets its own graph (no dynamic-shape recompile).
+        compiled = torch.compile(fused_model if fused_model is not None else model, mode=args.compile_mode, dynamic=False)
+        results["compiled_model"] = {"model": "fused_qkv" if fused_model is not None else "plain",
+                                     "mode": args.compile_mode, "freezing": args.freezing}
         start = time.perf_counter()
         with torch.inference_mode():
             compiled(**make_inputs(model, args.batch_sizes[0]))

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -32,6 +33,18 @@ def test_generate_with_the_bundled_model_writes_pngs_and_a_grid(tmp_path, capsys
                 "--output", str(again), "--seed", "3"], capsys)[0] == 0
     for first, second in zip(pngs, sorted(again.glob("*_class*.png"))):
         assert torch.equal(torch.tensor(list(Image.open(first).getdata())), torch.tensor(list(Image.open(second).getdata())))
+
+
+def test_generate_compiled_gives_the_same_images(tmp_path, capsys):
+    argv = ["generate", "--class-labels", "0", "5", "--output"]
+    assert run([*argv, str(tmp_path / "eager")], capsys)[0] == 0
+    code, out, err = run([*argv, str(tmp_path / "compiled"), "--compile"], capsys)
+    assert code == 0, err
+    assert "compiled" in out
+    for eager, compiled in zip(sorted((tmp_path / "eager").glob("*_class*.png")),
+                               sorted((tmp_path / "compiled").glob("*_class*.png")), strict=True):
+        difference = np.asarray(Image.open(eager), dtype=np.int16) - np.asarray(Image.open(compiled), dtype=np.int16)
+        assert np.abs(difference).max() <= 1  # fp32 rounding may move a pixel by one uint8 level
 
 
 def test_generate_from_a_folder_with_bf16(tmp_path, capsys):

@@ -143,6 +143,24 @@ def test_bf16_transformer_keeps_fp32_sample(tiny_pipeline):
 
 
 @needs_reference
+@needs_reference
+def test_compiled_frozen_fused_transformer_keeps_official_parity():
+    """The fast CPU recipe of docs/inference.md: fused QKV + torch.compile with inductor freezing, in the pipeline."""
+    import torch._inductor.config as inductor_config
+
+    ref = load_reference("tinyA_generate")
+    pipe = make_pipeline("tinyA")
+    key, steps, omega, interval = GENERATE_SETTINGS[1]  # two steps: the compiled graph runs twice per call
+    pipe.transformer.fuse_qkv_projections()
+    pipe.transformer.compile(dynamic=False)
+    with inductor_config.patch(freezing=True):
+        sample = pipe(
+            ref["labels"].tolist(), num_inference_steps=steps, guidance_scale=omega, guidance_interval=interval,
+            latents=NOISE_SCALE["tinyA"] * ref["noise_unscaled"], output_type="latent",
+        ).images
+    assert max_rel_err(sample, ref[key]) <= TOL
+
+
 def test_callback_on_step_end_called_each_step_and_replaces_latents(tiny_pipeline):
     latents = _noise(tiny_pipeline, 2)
     calls = []

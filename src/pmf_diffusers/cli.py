@@ -13,6 +13,7 @@ pair in `SUBCOMMANDS`):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -228,6 +229,11 @@ def _add_generate_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ...")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="transformer dtype")
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile the transformer (fused QKV, inductor freezing): the first batch of each size compiles "
+             "(~20 s for pMF-B/16 on a CPU), later batches run faster (~1.15x on CPU); worth it for many images",
+    )
     parser.add_argument("--output", type=Path, default=Path("samples"), help="folder for the PNGs")
     parser.add_argument("--no-grid", action="store_true", help="do not write grid.png")
     parser.add_argument("--no-images", action="store_true", help="only write grid.png")
@@ -300,30 +306,39 @@ def _cmd_generate(args) -> int:
             raise CLIError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
     pipe = _load_pipeline(args.model, args.device, args.dtype)
     pipe.set_progress_bar_config(disable=True)
+    compile_context = contextlib.nullcontext()
+    if args.compile:
+        import torch._inductor.config as inductor_config
+
+        pipe.transformer.fuse_qkv_projections()
+        pipe.transformer.compile(dynamic=False)
+        # Sampling only: constant weights let inductor pre-pack them and fold what depends on them alone.
+        compile_context = inductor_config.patch(freezing=True)
     label_ids = pipe.get_label_ids(_parse_labels(args.class_labels, pipe.num_classes))
     label_ids = [label for label in label_ids for _ in range(args.images_per_class)]
     if not args.no_images or not args.no_grid:
         args.output.mkdir(parents=True, exist_ok=True)
 
     images, start = [], time.perf_counter()
-    for first in range(0, len(label_ids), args.batch_size):
-        batch = label_ids[first : first + args.batch_size]
-        generators = [torch.Generator().manual_seed(args.seed + first + i) for i in range(len(batch))]
-        try:
-            images += pipe(
-                class_labels=batch,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance_scale,
-                guidance_interval=args.guidance_interval,
-                generator=generators,
-            ).images
-        except (RuntimeError, MemoryError) as error:
-            if _is_out_of_memory(error):
-                raise CLIError(
-                    f"a batch of {len(batch)} images does not fit in memory on {args.device}: "
-                    f"try a smaller --batch-size (e.g. {max(1, len(batch) // 4)})"
-                ) from None
-            raise
+    with compile_context:
+        for first in range(0, len(label_ids), args.batch_size):
+            batch = label_ids[first : first + args.batch_size]
+            generators = [torch.Generator().manual_seed(args.seed + first + i) for i in range(len(batch))]
+            try:
+                images += pipe(
+                    class_labels=batch,
+                    num_inference_steps=args.steps,
+                    guidance_scale=args.guidance_scale,
+                    guidance_interval=args.guidance_interval,
+                    generator=generators,
+                ).images
+            except (RuntimeError, MemoryError) as error:
+                if _is_out_of_memory(error):
+                    raise CLIError(
+                        f"a batch of {len(batch)} images does not fit in memory on {args.device}: "
+                        f"try a smaller --batch-size (e.g. {max(1, len(batch) // 4)})"
+                    ) from None
+                raise
     seconds_per_image = (time.perf_counter() - start) / len(label_ids)
 
     written = []
@@ -339,7 +354,8 @@ def _cmd_generate(args) -> int:
         written.append(grid)
     where = f"{len(written)} file(s) in {args.output}" if written else "nothing (both --no-images and --no-grid)"
     print(f"Generated {len(images)} image(s) with {args.model}; wrote {where}")
-    print(f"{seconds_per_image * 1000:.1f} ms per image ({args.steps} step(s), {args.device}, {args.dtype})")
+    compiled = ", compiled: includes the compile time" if args.compile else ""
+    print(f"{seconds_per_image * 1000:.1f} ms per image ({args.steps} step(s), {args.device}, {args.dtype}{compiled})")
     return EXIT_OK
 
 
