@@ -232,7 +232,7 @@ def _add_generate_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--compile", action="store_true",
         help="torch.compile the transformer (fused QKV, inductor freezing): the first batch of each size compiles "
-             "(~20 s for pMF-B/16 on a CPU), later batches run faster (~1.15x on CPU); worth it for many images",
+             "(~20 s for pMF-B/16 on a CPU), later batches run 1.1-1.3x faster on CPU; worth it for many images",
     )
     parser.add_argument("--output", type=Path, default=Path("samples"), help="folder for the PNGs")
     parser.add_argument("--no-grid", action="store_true", help="do not write grid.png")
