@@ -240,6 +240,9 @@ def parse_args(argv=None):
                         help="torch.compile mode for --compile")
     parser.add_argument("--freezing", action="store_true",
                         help="with --compile: torch._inductor.config.freezing = True (inference-only constant weights)")
+    parser.add_argument("--batch-chunk", type=int, default=None,
+                        help="also time fp32 eager with transformer.enable_batch_chunking(N); the compiled model "
+                             "(--compile) is chunked too")
     parser.add_argument("--fuse-qkv", action="store_true",
                         help="also time fp32 with fused QKV projections (transformer.fuse_qkv_projections())")
     parser.add_argument("--kernel-ceiling", action="store_true",
@@ -289,6 +292,10 @@ def main(argv=None) -> int:
     if args.fuse_qkv:
         fused_model = copy.deepcopy(model)
         fused_model.fuse_qkv_projections()
+    chunked_model = None
+    if args.batch_chunk:
+        chunked_model = copy.deepcopy(model)
+        chunked_model.enable_batch_chunking(args.batch_chunk)
     compiled = None
     if args.compile:
         # With --fuse-qkv the fused model is the one compiled (the fastest eager configuration).
@@ -298,10 +305,14 @@ def main(argv=None) -> int:
             import torch._inductor.config as inductor_config
 
             inductor_config.freezing = True
+        to_compile = copy.deepcopy(fused_model if fused_model is not None else model)
+        if args.batch_chunk:
+            to_compile.enable_batch_chunking(args.batch_chunk)
         # Static shapes: each batch size gets its own graph (no dynamic-shape recompile).
-        compiled = torch.compile(fused_model if fused_model is not None else model, mode=args.compile_mode, dynamic=False)
+        compiled = torch.compile(to_compile, mode=args.compile_mode, dynamic=False)
         results["compiled_model"] = {"model": "fused_qkv" if fused_model is not None else "plain",
-                                     "mode": args.compile_mode, "freezing": args.freezing}
+                                     "mode": args.compile_mode, "freezing": args.freezing,
+                                     "batch_chunk": args.batch_chunk}
         start = time.perf_counter()
         with torch.inference_mode():
             compiled(**make_inputs(model, args.batch_sizes[0]))
@@ -345,6 +356,8 @@ def main(argv=None) -> int:
             fns["transformer_fp32_compiled"] = lambda: run_transformer(compiled)
         if fused_model is not None:
             fns["transformer_fp32_fused_qkv"] = lambda: run_transformer(fused_model)
+        if chunked_model is not None:
+            fns["transformer_fp32_chunked"] = lambda: run_transformer(chunked_model)
         # The GEMM peak is timed inside the same rotation, so that it sees the same machine load as the model.
         # A block of several GEMMs per round, so that the reference spans a window comparable to a model call.
         for dtype_name, (a, b) in gemm_operands.items():
@@ -396,6 +409,10 @@ def main(argv=None) -> int:
             row["fused_qkv_speedup_paired"] = statistics.median(
                 u / f for u, f in zip(times["transformer_fp32"], times["transformer_fp32_fused_qkv"]))
             row["fused_qkv_max_abs_dev"] = float((run_transformer(fused_model) - reference).abs().max())
+        if chunked_model is not None:
+            row["chunked_speedup_paired"] = statistics.median(
+                u / c for u, c in zip(times["transformer_fp32"], times["transformer_fp32_chunked"]))
+            row["chunked_max_abs_dev"] = float((run_transformer(chunked_model) - reference).abs().max())
         if compiled is not None:
             row["compile_speedup"] = medians["transformer_fp32"] / medians["transformer_fp32_compiled"]
             row["fp32_compiled_percent_of_gemm_peak"] = (
@@ -479,6 +496,13 @@ def render_table(results: dict) -> str:
             cells.append(f"{ips['transformer_fp32_compiled']:.2f} ({row['fp32_compiled_percent_of_gemm_peak']:.0f}%; "
                          f"{row['compile_speedup']:.2f}×)")
         lines.append("| " + " | ".join(cells) + " |")
+    for row in results["rows"]:
+        if "chunked_speedup_paired" in row:
+            lines.append(
+                f"batch {row['batch']}, eager fp32 with enable_batch_chunking: "
+                f"{row['images_per_s']['transformer_fp32_chunked']:.2f} img/s "
+                f"({row['transformer_fp32_chunked_percent_of_gemm_peak_paired']:.0f}% of the GEMM peak per-round; "
+                f"{row['chunked_speedup_paired']:.2f}× paired; max abs dev {row['chunked_max_abs_dev']:.1e})")
     for key in ("profile_fp32_batch1", "profile_bf16_batch1"):
         if key in results:
             profile = results[key]

@@ -177,3 +177,20 @@ def test_fused_qkv_projections_keep_parity_and_unfuse(name):
     model.unfuse_qkv_projections()
     assert not hasattr(attn, "to_qkv") and not attn.fused_projections
     assert torch.equal(_forward(model, ref).sample, unfused.sample)
+
+
+def test_batch_chunking_gives_the_same_outputs():
+    ref = load_reference("tinyA_forward")
+    model = _model("tinyA")
+    whole = _forward(model, ref)
+    assert ref["z_t"].shape[0] >= 3
+    model.enable_batch_chunking(2)  # uneven last chunk
+    chunked = _forward(model, ref)
+    assert max_rel_err(chunked.sample, whole.sample) <= 1e-6
+    assert max_rel_err(chunked.v_sample, whole.v_sample) <= 1e-6
+    assert max_rel_err(chunked.sample, ref["u_head_xpred"]) <= TOL
+    model.disable_batch_chunking()
+    assert torch.equal(_forward(model, ref).sample, whole.sample)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size"):
+            model.enable_batch_chunking(bad)

@@ -306,6 +306,9 @@ def _cmd_generate(args) -> int:
             raise CLIError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
     pipe = _load_pipeline(args.model, args.device, args.dtype)
     pipe.set_progress_bar_config(disable=True)
+    if torch.device(args.device).type == "cpu":
+        # Sub-batches of 4 keep the activations cache-sized on a CPU: same images, faster at --batch-size 16.
+        pipe.transformer.enable_batch_chunking(4)
     compile_context = contextlib.nullcontext()
     if args.compile:
         import torch._inductor.config as inductor_config
