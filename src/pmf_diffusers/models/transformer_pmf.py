@@ -553,7 +553,8 @@ class PMFTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapter
                 outputs["sample"].append(self.decode_head("u", self._run_blocks(self.u_head_blocks, states, rope_freqs)))
             if head in ("v", "both"):
                 outputs["v_sample"].append(self.decode_head("v", self._run_blocks(self.v_head_blocks, states, rope_freqs)))
-        outputs = {name: torch.cat(parts) for name, parts in outputs.items() if parts}
+        # Without chunking there is one part: no copy of the output.
+        outputs = {name: parts[0] if len(parts) == 1 else torch.cat(parts) for name, parts in outputs.items() if parts}
 
         if not return_dict:
             return tuple(outputs.values())
