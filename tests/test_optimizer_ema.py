@@ -479,6 +479,8 @@ restored.load_state_dict(state)
 assert all(torch.equal(a.full_tensor(), b) for a, b in zip(restored["ema_0.5"].shadow_params, emas[0]["ema_0.5"].shadow_params))
 if dist.get_rank() == 0:
     print("SHARDED OK")
+# Both ranks finish all communication before gloo is torn down (tearing down while the peer still talks can abort).
+dist.barrier()
 dist.destroy_process_group()
 '''
 
