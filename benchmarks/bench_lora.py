@@ -36,7 +36,7 @@ SHAPES = {
 def run_variant(variant: str, shape: str, batch_size: int, steps: int, rank: int, targets: str, device: str,
                 threads: int | None) -> dict:
     from pmf_diffusers import PMFTransformer2DModel
-    from pmf_diffusers.lora import add_pmf_lora
+    from pmf_diffusers.training.lora import add_pmf_lora
     from pmf_diffusers.training import PMFLossConfig, pmf_loss, sample_draws
 
     if threads:

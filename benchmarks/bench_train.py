@@ -45,7 +45,7 @@ def straightforward_loss(model, images, labels, config, draws):
     floor = col(t).clamp(0.05, 1.0)
     z = (1 - col(t)) * images + col(t) * draws.noise
     v_t = (z - images) / floor
-    zeros, ones = torch.zeros(batch), torch.ones(batch)
+    zeros, ones = torch.zeros(batch, device=images.device), torch.ones(batch, device=images.device)
 
     def full_net(z_in, time, r_time, y, w, lo, hi):
         x_u, x_v = model(z_in, time, r_time, y, w, lo, hi, head="both", return_dict=False)

@@ -2,8 +2,9 @@
 # Copyright 2026 The pmf-diffusers developers. MIT License.
 """FID-50K / Inception Score (/ precision-recall) of a PMFPipeline under the official pMF protocol.
 
-Multi-GPU (each process samples a contiguous shard of image indices with per-image seeds; features are gathered
-and the main process computes the metrics and writes the JSON report):
+The same command as `pmf eval` (options, errors and all); this script exists so that `accelerate launch` can start
+it by path. Multi-GPU (each process samples a contiguous shard of image indices with per-image seeds; features are
+gathered and the main process computes the metrics and writes the JSON report):
 
     accelerate launch examples/evaluate_pmf.py --model ./pmf-b-16 \
         --reference-stats jit_in256_stats.npz --inception-weights weights-inception-2015-12-05-6726825d.pth \
@@ -17,30 +18,16 @@ Other modes:
     accelerate launch examples/evaluate_pmf.py --compute-stats-from imagenet256_val/ --stats-out in256_val_stats.npz
 
 Every option: `python examples/evaluate_pmf.py --help`; the protocol and where to get the reference statistics and
-Inception weights: docs/evaluation.md. The same command is available as `pmf eval`.
+Inception weights: docs/evaluation.md. From Python: `pmf_diffusers.evaluation.run_evaluation(EvalConfig(...))`.
 """
 
-import argparse
 import sys
 
-from pmf_diffusers.evaluation import add_eval_arguments, run_eval
+from pmf_diffusers.cli import main as pmf_main
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Evaluate a pMF pipeline (FID / IS / precision-recall) under the official protocol.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_eval_arguments(parser)
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    args = parser.parse_args(argv)
-    try:
-        return run_eval(args)
-    except (ValueError, FileNotFoundError) as error:
-        if args.debug:
-            raise
-        print(f"evaluate_pmf.py: error: {error}", file=sys.stderr)
-        return 2
+    return pmf_main(["eval", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

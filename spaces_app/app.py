@@ -30,11 +30,20 @@ from pathlib import Path
 
 import gradio as gr
 import torch
-from PIL import Image
 
 from pmf_diffusers import PMFPipeline, load_imagenet_id2label
-from pmf_diffusers.bundled import BUNDLED_MODEL_NAME, load_bundled_pipeline
-from pmf_diffusers.conversion import OFFICIAL_PRESETS, default_cache_dir, load_official
+from pmf_diffusers.bundled import BUNDLED_MODEL_NAME
+from pmf_diffusers.image_grid import image_grid
+from pmf_diffusers.loading import (
+    BUNDLED,
+    converted_official_folder,
+    hub_offline,
+    is_official_size_name,
+    load_pipeline,
+    looks_like_repo_id,
+)
+from pmf_diffusers.official import IMAGENET_SAMPLE_CLASSES, OFFICIAL_NUM_CLASSES, OFFICIAL_PRESETS, OFFICIAL_REPO_ID
+from pmf_diffusers.pipelines.pipeline_pmf import check_guidance_settings
 
 try:  # ZeroGPU: `@spaces.GPU` attaches a GPU slice for the duration of the call; a no-op elsewhere.
     import spaces
@@ -50,13 +59,18 @@ except ImportError:  # local runs and CI do not need the `spaces` package
 MAX_CLASSES = 8
 MAX_IMAGES_PER_CLASS = 4
 MAX_STEPS = 4
-MIN_GUIDANCE, MAX_GUIDANCE = 1.0, 20.0
+MIN_GUIDANCE, MAX_GUIDANCE = 1.0, 20.0  # the slider's range; ω ≥ 1 is the pipeline's rule (check_guidance_settings)
 MAX_SEED = 2**31 - 1
 GRID_MIN_TILE = 128  # small models (32×32) are upscaled (nearest) in the downloadable grid so they stay visible
 
-BUNDLED = "bundled"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-OFFICIAL_EXAMPLE_IDS = [(207,), (360, 387), (974, 88), (207, 360, 387, 974, 88)]
+# Example rows for the official sizes: the classes the official evaluation samples (golden retriever, otter, …).
+OFFICIAL_EXAMPLE_IDS = [
+    IMAGENET_SAMPLE_CLASSES[:1],
+    IMAGENET_SAMPLE_CLASSES[1:3],
+    IMAGENET_SAMPLE_CLASSES[3:5],
+    IMAGENET_SAMPLE_CLASSES[:5],
+]
 CSS = "#gallery img { image-rendering: pixelated; }"  # crisp upscaling of the 32×32 toy samples
 
 ModelSource = str | os.PathLike | Callable[[], PMFPipeline]
@@ -69,27 +83,25 @@ class GenerateRequestError(gr.Error):
         super().__init__(message, print_exception=False)
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+def _official_converted(name: str) -> bool:
+    return (converted_official_folder(name) / "model_index.json").is_file()
 
 
 def _official_cached(name: str) -> bool:
-    preset = OFFICIAL_PRESETS[name]
-    if (default_cache_dir() / name.replace("/", "-") / "model_index.json").is_file():
+    """Whether an official size loads without the Hub: converted already, or its checkpoint is downloaded."""
+    if _official_converted(name):
         return True
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        from pmf_diffusers.conversion import OFFICIAL_REPO_ID
-
-        return isinstance(try_to_load_from_cache(OFFICIAL_REPO_ID, preset.filename), str)
+        return isinstance(try_to_load_from_cache(OFFICIAL_REPO_ID, OFFICIAL_PRESETS[name].filename), str)
     except Exception:
         return False
 
 
 def hub_reachable(timeout: float = 2.0) -> bool:
-    """Whether the Hub endpoint accepts a TCP connection (False at once when `HF_HUB_OFFLINE` is set)."""
-    if _hub_offline():
+    """Whether the Hub endpoint accepts a TCP connection (False at once in offline mode, `HF_HUB_OFFLINE`)."""
+    if hub_offline():
         return False
     try:
         from urllib.parse import urlparse
@@ -107,7 +119,7 @@ def hub_reachable(timeout: float = 2.0) -> bool:
 def default_models() -> dict[str, ModelSource]:
     """The bundled toy model, plus the official sizes that can be loaded here: all of them when the Hub is
     reachable, else only those already cached (converted folder or downloaded checkpoint)."""
-    models: dict[str, ModelSource] = {BUNDLED: load_bundled_pipeline}
+    models: dict[str, ModelSource] = {BUNDLED: BUNDLED}
     online = hub_reachable()
     for name in OFFICIAL_PRESETS:
         if online or _official_cached(name):
@@ -141,9 +153,11 @@ class ModelRegistry:
     def is_local(self, name: str) -> bool:
         """Loadable without a download (so `generate` may load it on demand)."""
         source = self.sources[name]
-        if isinstance(source, str) and source in OFFICIAL_PRESETS:
-            return (default_cache_dir() / source.replace("/", "-") / "model_index.json").is_file()
-        return True
+        if callable(source) or source == BUNDLED:
+            return True
+        if is_official_size_name(source):
+            return _official_converted(source)
+        return not looks_like_repo_id(source)  # a local folder
 
     def peek(self, name: str) -> PMFPipeline | None:
         """The loaded pipeline without taking a lock (safe in a forked ZeroGPU worker)."""
@@ -172,12 +186,7 @@ class ModelRegistry:
 
     def _load(self, name: str) -> PMFPipeline:
         source = self.sources[name]
-        if callable(source):
-            pipe = source()
-        elif isinstance(source, str) and source in OFFICIAL_PRESETS:
-            pipe = load_official(source)
-        else:
-            pipe = PMFPipeline.from_pretrained(Path(source))
+        pipe = source() if callable(source) else load_pipeline(source)
         if not isinstance(pipe, PMFPipeline):
             raise TypeError(f"{name!r} did not load as a PMFPipeline (got {type(pipe).__name__}).")
         pipe.set_progress_bar_config(disable=True)
@@ -205,7 +214,8 @@ def toy_example_rows(pipe: PMFPipeline) -> tuple[list[list], list[str]]:
 
 
 def official_example_rows() -> tuple[list[list], list[str]]:
-    """Classic ImageNet classes for the official sizes (207 golden retriever, 360 otter, 387 red panda, …)."""
+    """Classic ImageNet classes for the official sizes (those the official evaluation samples: golden retriever,
+    otter, red panda, …)."""
     id2label = load_imagenet_id2label()
     rows = [([f"{i}: {id2label[i]}" for i in ids], seed) for seed, ids in enumerate(OFFICIAL_EXAMPLE_IDS)]
     return [[classes, seed, False] for classes, seed in rows], [_example_label(c, seed) for c, seed in rows]
@@ -213,8 +223,8 @@ def official_example_rows() -> tuple[list[list], list[str]]:
 
 def default_classes(pipe: PMFPipeline) -> list[str]:
     choices = class_choices(pipe)
-    if pipe.num_classes == 1000 and pipe.id2label:
-        return [choices[i] for i in (207, 360, 387)]
+    if pipe.num_classes == OFFICIAL_NUM_CLASSES and pipe.id2label:
+        return [choices[i] for i in IMAGENET_SAMPLE_CLASSES[:3]]
     return choices[: min(4, len(choices))]
 
 
@@ -270,6 +280,15 @@ def _number(value, name: str, integer: bool = False) -> float | int:
     return float(value)
 
 
+def _passes(check: Callable, **kwargs) -> bool:
+    """Whether `check(**kwargs)` accepts the values (it raises ValueError otherwise)."""
+    try:
+        check(**kwargs)
+    except ValueError:
+        return False
+    return True
+
+
 def validate_request(seed, randomize_seed, guidance_scale, guidance_min, guidance_max, num_steps, images_per_class):
     """Server-side limits; returns normalised values or raises `gr.Error` naming the offending argument."""
     if not isinstance(randomize_seed, bool):
@@ -287,23 +306,21 @@ def validate_request(seed, randomize_seed, guidance_scale, guidance_min, guidanc
         raise GenerateRequestError(
             f"`images_per_class` must be 1 to {MAX_IMAGES_PER_CLASS}, got {images_per_class}."
         )
+    # The pipeline's rules (check_guidance_settings), plus the Space's upper limit on ω; the messages name the
+    # request's arguments.
     guidance_scale = _number(guidance_scale, "guidance_scale")
-    if not MIN_GUIDANCE <= guidance_scale <= MAX_GUIDANCE:
+    if guidance_scale > MAX_GUIDANCE or not _passes(check_guidance_settings, guidance_scale=guidance_scale):
         raise GenerateRequestError(
             f"`guidance_scale` (ω) must be between {MIN_GUIDANCE:g} (no guidance) and {MAX_GUIDANCE:g}, "
             f"got {guidance_scale:g}."
         )
-    guidance_min = _number(guidance_min, "guidance_min")
-    guidance_max = _number(guidance_max, "guidance_max")
-    if not (0.0 <= guidance_min <= 1.0 and 0.0 <= guidance_max <= 1.0):
+    guidance_interval = (_number(guidance_min, "guidance_min"), _number(guidance_max, "guidance_max"))
+    if not _passes(check_guidance_settings, guidance_interval=guidance_interval):
         raise GenerateRequestError(
-            f"The guidance interval must lie within [0, 1], got [{guidance_min:g}, {guidance_max:g}]."
+            "The guidance interval must lie within [0, 1] with t_min ≤ t_max (`guidance_min` ≤ `guidance_max`), "
+            "got [{:g}, {:g}].".format(*guidance_interval)
         )
-    if guidance_min > guidance_max:
-        raise GenerateRequestError(
-            f"The guidance interval needs t_min ≤ t_max, got t_min={guidance_min:g} > t_max={guidance_max:g}."
-        )
-    return seed, guidance_scale, (guidance_min, guidance_max), num_steps, images_per_class
+    return seed, guidance_scale, guidance_interval, num_steps, images_per_class
 
 
 _REGISTRIES: dict[int, ModelRegistry] = {}  # module level: a ZeroGPU worker (a fork) finds the loaded pipelines here
@@ -333,34 +350,26 @@ def run_pipeline(registry_id: int, model: str, labels, seeds, num_steps, guidanc
     return images, time.perf_counter() - start
 
 
-def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
-    width, height = images[0].size
-    scale = max(1, math.ceil(GRID_MIN_TILE / max(width, height)))
-    tile_w, tile_h = width * scale, height * scale
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * tile_w, rows * tile_h), "white")
-    for index, image in enumerate(images):
-        if scale > 1:
-            image = image.resize((tile_w, tile_h), Image.NEAREST)
-        grid.paste(image, ((index % columns) * tile_w, (index // columns) * tile_h))
-    return grid
-
-
 def build_demo(
     default_model: str = BUNDLED,
     models: Mapping[str, ModelSource] | None = None,
     max_loaded: int = 2,
+    registry: ModelRegistry | None = None,
 ) -> gr.Blocks:
-    """The Space UI. `models` maps a model name to an official size name, a pipeline folder or a loader callable
-    (default: `default_models()`); `default_model` is loaded before the UI is built."""
-    registry = ModelRegistry(models if models is not None else default_models(), max_loaded=max_loaded)
+    """The Space UI. `models` maps a model name to a source of `pmf_diffusers.loading.load_pipeline` ("bundled", an
+    official size name, a pipeline folder, a Hub repo id) or a loader callable (default: `default_models()`);
+    `default_model` is loaded before the UI is built. Pass `registry` instead of `models` / `max_loaded` to serve
+    the pipelines of an existing [`ModelRegistry`] (e.g. one shared by several demos)."""
+    if registry is None:
+        registry = ModelRegistry(models if models is not None else default_models(), max_loaded=max_loaded)
+    elif models is not None:
+        raise ValueError("Pass either `models` or `registry`, not both.")
     if default_model not in registry.sources:
         raise ValueError(f"default_model {default_model!r} is not one of {list(registry.sources)}.")
     first = registry.get(default_model)
     _REGISTRIES[id(registry)] = registry
-    stats = {"generate_calls": 0, "images": 0}
     grid_dir = Path(tempfile.mkdtemp(prefix="pmf_space_"))
-    is_imagenet = lambda pipe: pipe.num_classes == 1000 and bool(pipe.id2label)  # noqa: E731
+    is_imagenet = lambda pipe: pipe.num_classes == OFFICIAL_NUM_CLASSES and bool(pipe.id2label)  # noqa: E731
 
     def model_facts(name: str, pipe: PMFPipeline) -> str:
         config = pipe.transformer.config
@@ -381,7 +390,6 @@ def build_demo(
         images_per_class,
         model=default_model,
     ):
-        stats["generate_calls"] += 1
         seed, omega, interval, num_steps, per_class = validate_request(
             seed, randomize_seed, guidance_scale, guidance_min, guidance_max, num_steps, images_per_class
         )
@@ -403,11 +411,10 @@ def build_demo(
             images, seconds = run_pipeline(id(registry), model, labels, seeds, num_steps, omega, interval)
         except Exception as error:  # noqa: BLE001
             raise gr.Error(f"Generation failed: {type(error).__name__}: {error}") from None
-        stats["images"] += len(images)
         names = {class_id: pipe.id2label.get(class_id, "unconditional").split(",")[0] for class_id in ids}
         gallery = [(image, f"{label}: {names[label]} · seed {s}") for image, label, s in zip(images, labels, seeds)]
         grid_path = grid_dir / f"pmf_{re.sub(r'[^A-Za-z0-9]+', '-', model)}_seed{seed}_{time.time_ns()}.png"
-        make_grid(images, per_class).save(grid_path)
+        image_grid(images, columns=per_class, min_tile=GRID_MIN_TILE).save(grid_path)
         timing = (
             f"{len(images)} image(s) in {seconds:.3f} s → {1000 * seconds / len(images):.1f} ms per image "
             f"({num_steps} step{'s' if num_steps > 1 else ''}, ω = {omega:g}, interval [{interval[0]:g}, "
@@ -549,8 +556,6 @@ def build_demo(
         )
 
     demo.queue(default_concurrency_limit=1, max_size=32)
-    demo.pmf_registry = registry  # for tests and scripts
-    demo.pmf_stats = stats
     return demo
 
 

@@ -4,8 +4,8 @@ independent toy classifier (trained here on real toy images only)."""
 import torch
 
 from pmf_diffusers import PMFPipeline, bundled_model_path, load_bundled_pipeline
-from pmf_diffusers.training.toy_classifier import evaluate_per_class_accuracy, train_toy_classifier
-from pmf_diffusers.training.toy_data import TOY_CLASS_NAMES, generate_toy_arrays
+from pmf_diffusers.toy.judge import evaluate_per_class_accuracy, train_toy_classifier
+from pmf_diffusers.toy.shapes import TOY_CLASS_NAMES, generate_toy_arrays
 
 
 def test_bundled_model_is_small_safetensors_with_a_card():

@@ -13,6 +13,7 @@ import torch
 from conftest import REPO_ROOT, load_reference, max_rel_err, needs_reference, official_state_dict
 
 from pmf_diffusers.cli import build_parser, main
+from pmf_diffusers.commands import convert as convert_command
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -38,7 +39,7 @@ def test_parser_structure():
     parser = build_parser()
     args = parser.parse_args(["--debug", "convert", "a.pt", "out", "--guidance-interval", "0.1", "0.7"])
     assert args.debug is True and args.command == "convert" and args.guidance_interval == [0.1, 0.7]
-    assert callable(args.func) and args.func.__name__ == "_cmd_convert"
+    assert args.func is convert_command.run
     assert parser.parse_args(["convert", "a.pt", "out"]).debug is False
     assert parser.parse_args(["convert", "a.pt", "out", "--debug"]).debug is True
 

@@ -1,4 +1,5 @@
-"""Official checkpoints → diffusers: key lists of all released sizes, strict errors, file loading, `load_official`."""
+"""Official checkpoints → diffusers: key lists of all released sizes, strict errors, file loading, `load_official`;
+the facts about the released sizes (`official.py`) and `load_pipeline`, the one loader of a model source."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from conftest import REFERENCE_DIR, load_reference, max_rel_err, needs_reference
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 SIZES = ["B_16", "B_32", "L_16", "L_32", "H_16", "H_32"]
-# pmf_spec.md §2.6: (image, patch, hidden, trunk depth, head dim, MLP width, bottleneck, noise scale)
+# docs/algorithm.md, "Released sizes": (image, patch, hidden, trunk depth, head dim, MLP width, bottleneck, noise scale)
 SPEC = {
     "B_16": (256, 16, 768, 8, 64, 2048, 128, 1.0),
     "B_32": (512, 32, 768, 8, 64, 2048, 128, 2.0),
@@ -324,3 +325,88 @@ def test_default_cache_dir_is_under_hf_home():
     from pmf_diffusers.conversion import default_cache_dir
 
     assert default_cache_dir() == Path(constants.HF_HOME) / "pmf-diffusers" / "converted"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# official.py: the released sizes; loading.py: one meaning of a model source
+# --------------------------------------------------------------------------------------------------------------
+def test_official_facts_and_loading_helpers_import_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, pmf_diffusers.official, pmf_diffusers.loading; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_match_preset_identifies_each_released_size_by_its_shapes():
+    from pmf_diffusers.official import OFFICIAL_PRESETS, match_preset, official_model_config
+
+    for name, preset in OFFICIAL_PRESETS.items():
+        config = {**official_model_config(name), "num_classes": 1000}
+        assert match_preset(config) is preset
+        assert match_preset(config, noise_scale=preset.noise_scale, num_classes=1000) is preset
+        assert match_preset(config, num_classes=10) is None  # other classes: not the released model
+        other_noise_scales = {p.noise_scale for p in OFFICIAL_PRESETS.values()} - {preset.noise_scale}
+        assert match_preset(config, noise_scale=min(other_noise_scales)) is None
+        assert match_preset({**config, "num_layers": config["num_layers"] + 1}) is None
+        assert match_preset({**config, "sample_size": 2 * config["sample_size"]}) is None
+
+
+@pytest.fixture
+def empty_hf_home(tmp_path, monkeypatch):
+    """An empty HF_HOME, so that no size counts as converted (`default_cache_dir` reads it at call time)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf_home"))
+    return tmp_path / "hf_home"
+
+
+def test_load_pipeline_sources(tmp_path, offline_hub, empty_hf_home):
+    from pmf_diffusers import PMFPipeline, bundled_model_path
+    from pmf_diffusers.loading import load_pipeline
+
+    bundled = load_pipeline()
+    assert isinstance(bundled, PMFPipeline)
+    folder = load_pipeline(str(bundled_model_path()), dtype=torch.bfloat16)
+    assert folder.transformer.dtype == torch.bfloat16
+    assert folder.transformer.config == bundled.transformer.config
+    assert load_pipeline(bundled_model_path(), device="cpu").device.type == "cpu"
+
+    checkpoint = tmp_path / "pMF-B-16.pt"
+    checkpoint.write_bytes(b"weights")
+    with pytest.raises(ValueError, match="is a file; a PMFPipeline folder is expected.*pmf convert"):
+        load_pipeline(str(checkpoint))
+    with pytest.raises(FileNotFoundError, match="no PMFPipeline folder"):
+        load_pipeline(tmp_path / "missing")
+    for size in ("pMF-L/32", "l32", "pmf-l-32"):  # official size names: converted on first use, here offline
+        with pytest.raises(ConnectionError, match="pMF-L/32 is not cached"):
+            load_pipeline(size)
+    with pytest.raises(OSError, match="could not load 'someone/some-model' from the Hub"):
+        load_pipeline("someone/some-model")
+    for source in ("no-such-model", "bad repo id!", "a/b/c"):
+        with pytest.raises(ValueError, match="unknown model"):
+            load_pipeline(source)
+    with pytest.raises(ValueError, match="cannot use device 'no-such-device'"):
+        load_pipeline(device="no-such-device")
+
+
+def test_looks_like_repo_id_and_hub_offline(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from pmf_diffusers.loading import hub_offline, is_official_size_name, looks_like_repo_id
+
+    assert looks_like_repo_id("Lyy0725/pMF") and looks_like_repo_id("org/model.v2")
+    for text in ("model", "a/b/c", "bad id!/x", "", None, "./folder"):
+        assert not looks_like_repo_id(text), text
+    (tmp_path / "org" / "model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert not looks_like_repo_id("org/model")  # an existing local folder is not a repo id
+
+    assert is_official_size_name("B/16") and is_official_size_name("pmfDiT_H_32")
+    assert not is_official_size_name("pMF-XL/2") and not is_official_size_name(None)
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub_offline() is True
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert hub_offline() is False

@@ -7,6 +7,7 @@ import argparse
 import importlib.util
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from pmf_diffusers import evaluation as ev
+from pmf_diffusers.evaluation.protocol import _gather_in_order
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -182,7 +184,7 @@ def test_gather_restores_global_order_across_uneven_shards(num_processes):
     def worker(rank):
         shard = ev.shard_indices(total, num_processes, rank)
         rows = torch.tensor([[float(i), 10.0 * i] for i in shard]).reshape(-1, 2)
-        results[rank] = ev._gather_in_order(FakeAccelerator(rank), shard, {"x": rows}, total, "cpu")["x"]
+        results[rank] = _gather_in_order(FakeAccelerator(rank), shard, {"x": rows}, total, "cpu")["x"]
 
     threads = [threading.Thread(target=worker, args=(rank,)) for rank in range(num_processes)]
     for thread in threads:
@@ -423,6 +425,29 @@ def test_run_eval_end_to_end(tmp_path, tiny_model_dir, reference_dir):
     assert json.loads(again.read_text())["fid"] == pytest.approx(report["fid"], rel=1e-3)
 
 
+def test_run_evaluation_takes_a_config_object(tmp_path, reference_dir):
+    extractor = ev.RandomFeatureExtractor()
+    stats = tmp_path / "stats.npz"
+    config = ev.EvalConfig(compute_stats_from=str(reference_dir), stats_out=str(stats), device="cpu", num_workers=0)
+    result = ev.run_evaluation(config, extractor)
+    assert result["num_images"] == 24 and result["resolution"] == 32 and stats.is_file()
+    report = ev.run_evaluation(
+        ev.EvalConfig(images=str(reference_dir), reference_stats=str(stats), output=str(tmp_path / "r.json"),
+                      device="cpu", num_workers=0), extractor
+    )
+    assert abs(report["fid"]) < 1e-6 and json.loads((tmp_path / "r.json").read_text())["fid"] == report["fid"]
+    # the command line builds the same config from its options
+    from pmf_diffusers.commands.eval import config_from_args
+
+    assert config_from_args(_args("--compute-stats-from", str(reference_dir), "--stats-out", str(stats))) == ev.EvalConfig(
+        compute_stats_from=str(reference_dir), stats_out=str(stats), device="cpu", num_workers=0
+    )
+    with pytest.raises(ValueError, match="guidance_scale"):
+        ev.run_evaluation(ev.EvalConfig(model="bundled", guidance_scale=0.5), extractor)
+    with pytest.raises(ValueError, match="Unknown dtype"):
+        ev.run_evaluation(ev.EvalConfig(model="bundled", dtype="int8"), extractor)
+
+
 def test_run_eval_rejects_bad_references_before_sampling(tmp_path, tiny_model_dir):
     extractor = ev.RandomFeatureExtractor()
     wrong_res = tmp_path / "jit_in64_stats.npz"
@@ -448,7 +473,7 @@ def test_run_eval_rejects_bad_references_before_sampling(tmp_path, tiny_model_di
 
 
 def test_example_script_reports_errors_in_one_line(tmp_path, tiny_model_dir, capsys):
-    spec = importlib.util.spec_from_file_location("evaluate_pmf", ev.Path(__file__).parents[1] / "examples" / "evaluate_pmf.py")
+    spec = importlib.util.spec_from_file_location("evaluate_pmf", Path(__file__).parents[1] / "examples" / "evaluate_pmf.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     wrong = tmp_path / "jit_in512_stats.npz"

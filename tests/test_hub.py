@@ -3,7 +3,6 @@ against a local stand-in of the Hub's HTTP API (no network)."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import io
@@ -22,18 +21,17 @@ import huggingface_hub
 from huggingface_hub import ModelCard
 
 from pmf_diffusers import PMFPipeline, PMFScheduler, PMFTransformer2DModel
-from pmf_diffusers.conversion import OFFICIAL_PRESETS
+from pmf_diffusers.cli import main
 from pmf_diffusers.hub import (
     CITATION,
     SHIM_SOURCE,
     HubPushError,
     _card_context,
-    add_push_arguments,
     check_model_card,
     push_pipeline_to_hub,
     render_model_card,
-    run_push,
 )
+from pmf_diffusers.official import OFFICIAL_PRESETS
 
 TOKEN = "hf_standInToken1234567890abcdef"  # fake; the stand-in accepts only this one
 STAGED_FILES = {
@@ -542,16 +540,15 @@ def test_offline_mode_is_a_clear_error(hub, monkeypatch, tiny_pipe):
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
-def _parse(argv):
-    parser = add_push_arguments(argparse.ArgumentParser(prog="pmf push"))
-    parser.add_argument("--debug", action="store_true")
-    return parser.parse_args(argv)
+def run_push(argv):
+    """`pmf push ARGV`: the exit status."""
+    return main(["push", *argv])
 
 
 def test_cli_dry_run_lists_files_and_sends_nothing(hub, monkeypatch, tmp_path, saved_folder, capsys):
     monkeypatch.delenv("HF_TOKEN")  # a dry run needs no token
     stage = tmp_path / "stage"
-    status = run_push(_parse([str(saved_folder), "alice/pmf-dry", "--dry-run", "--staging-dir", str(stage)]))
+    status = run_push([str(saved_folder), "alice/pmf-dry", "--dry-run", "--staging-dir", str(stage)])
     out = capsys.readouterr().out
     assert status == 0
     assert hub.requests == []
@@ -572,7 +569,7 @@ def test_cli_push(hub, tmp_path, saved_folder, capsys):
         str(saved_folder), "alice/pmf-cli", "--private", "--revision", "exp", "--commit-message", "via cli",
         "--token-file", str(token_file), "--card-info", str(card_info), "--base-model", "bob/pmf-base", "--no-samples",
     ]
-    status = run_push(_parse(argv))
+    status = run_push(argv)
     captured = capsys.readouterr()
     assert status == 0, captured.err
     assert TOKEN not in captured.out + captured.err
@@ -585,15 +582,15 @@ def test_cli_push(hub, tmp_path, saved_folder, capsys):
 
 def test_cli_errors_are_one_line(hub, monkeypatch, tmp_path, saved_folder, capsys):
     monkeypatch.delenv("HF_TOKEN")
-    assert run_push(_parse([str(saved_folder), "alice/x"])) == 1
+    assert run_push([str(saved_folder), "alice/x"]) == 2
     err = capsys.readouterr().err
-    assert err == "pmf push: error: not logged in: run `hf auth login` or set HF_TOKEN\n"
-    assert run_push(_parse([str(saved_folder), "not a repo"])) == 1
+    assert err == "pmf: error: not logged in: run `hf auth login` or set HF_TOKEN\n"
+    assert run_push([str(saved_folder), "not a repo"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
-    assert run_push(_parse([str(tmp_path), "alice/x", "--token-file", str(tmp_path / "none")])) == 1
+    assert run_push([str(tmp_path), "alice/x", "--token-file", str(tmp_path / "none")]) == 2
     assert "cannot read the token file" in capsys.readouterr().err
     with pytest.raises(HubPushError):  # --debug: the exception propagates, for a traceback
-        run_push(_parse([str(saved_folder), "alice/x", "--debug"]))
+        run_push([str(saved_folder), "alice/x", "--debug"])
     assert hub.requests == []
 
 

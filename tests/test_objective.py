@@ -1,17 +1,15 @@
 """The pMF objective against the official JAX `main` oracle (all randomness injected), and the draw distributions."""
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import REFERENCE_DIR
 from pmf_diffusers.conversion import convert_official_state_dict, official_key_to_diffusers
 from pmf_diffusers.models.transformer_pmf import PMFTransformer2DModel
-from pmf_diffusers.training import PMFDraws, PMFLossConfig, muon_param_groups, pmf_loss, sample_draws
-
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+from pmf_diffusers.training import LOSS_PRESETS, PMFDraws, PMFLossConfig, muon_param_groups, pmf_loss, sample_draws
 
 SCENARIOS = {
     # S1: B/16-like, official first-k class dropout. S2: L/16-like with the uniform (t, r) mix.
@@ -113,6 +111,39 @@ def test_sample_draws_follow_the_official_rules():
     per_sample = sample_draws(4096, PMFLossConfig(noise_scale=2.0), torch.Generator().manual_seed(1), (3, 4, 4))
     assert 300 < int(per_sample.drop_mask.sum()) < 520 and not per_sample.drop_mask[: int(per_sample.drop_mask.sum())].all()
     assert abs(per_sample.noise.std().item() - 2.0) < 0.05
+
+
+def test_official_recipes_per_size():
+    """The per-size recipes of the official configs (docs/algorithm.md, "Training recipe"): pMF-B/16 is the default,
+    the other sizes change these values."""
+    changes = {
+        "pMF-B/16": {},
+        "pMF-B/32": dict(noise_scale=2.0),
+        "pMF-L/16": dict(cfg_beta=2.0),
+        "pMF-L/32": dict(p_mean=0.0, noise_scale=4.0, perceptual_max_t=0.6),
+        "pMF-H/16": dict(p_mean=0.0, noise_scale=2.0, perceptual_max_t=0.6, tr_uniform=True),
+        "pMF-H/32": dict(p_mean=0.0, noise_scale=4.0, perceptual_max_t=0.6, tr_uniform=True),
+    }
+    assert list(LOSS_PRESETS) == list(changes)
+    for name, values in changes.items():
+        assert LOSS_PRESETS[name] == PMFLossConfig.from_preset(name) == replace(PMFLossConfig(), **values), name
+    assert PMFLossConfig() == PMFLossConfig(p_mean=0.8, p_std=0.8, cfg_max=7.0, cfg_beta=1.0, noise_scale=1.0)
+
+
+def test_missing_perceptual_networks_warn_once(tiny_a_weights, caplog):
+    """Without perceptual networks the LPIPS / ConvNeXt terms are skipped, with one warning however many steps run."""
+    from pmf_diffusers.training import objective
+
+    config, state_dict = tiny_a_weights
+    model = PMFTransformer2DModel(**config)
+    model.load_state_dict(state_dict, strict=False)
+    images = torch.zeros(2, 3, config["sample_size"], config["sample_size"])
+    loss_config = PMFLossConfig()  # perceptual weights are on by default
+    objective._warn_once.cache_clear()
+    with caplog.at_level("WARNING", logger=objective.logger.name):
+        for seed in range(3):
+            pmf_loss(model, images, torch.tensor([0, 1]), loss_config, generator=torch.Generator().manual_seed(seed))
+    assert caplog.text.count("no perceptual networks given") == 1
 
 
 def test_presets_and_bad_config():

@@ -113,22 +113,31 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def space(bundled_dir, broken_dir, tmp_path_factory):
-    """(app module, demo, url, client) for the Space with the bundled model, a model that cannot load, and an
-    official size that is not converted yet (its cache folder points to an empty directory)."""
-    from gradio_client import Client
-
+def registry(bundled_dir, broken_dir):
+    """The Space's model registry: the bundled model, a model that cannot load, an official size and a small
+    ImageNet-shaped model built in memory."""
     app = _load("pmf_space_app", "app.py")
-    empty_cache = tmp_path_factory.mktemp("converted")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(app, "default_cache_dir", lambda: empty_cache)
-        models = {
-            "bundled": app.load_bundled_pipeline,
+    return app.ModelRegistry(
+        {
+            "bundled": "bundled",
             "broken": str(broken_dir),
             "pMF-B/16": "pMF-B/16",
             "imagenet-tiny": _tiny_imagenet_pipeline,
         }
-        demo = app.build_demo(models=models)
+    )
+
+
+@pytest.fixture(scope="module")
+def space(registry, tmp_path_factory):
+    """(app module, demo, url, client) for the Space serving `registry`, with an empty HF_HOME so that the official
+    size is not converted yet."""
+    from gradio_client import Client
+    from huggingface_hub import constants
+
+    app = _load("pmf_space_app", "app.py")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constants, "HF_HOME", str(tmp_path_factory.mktemp("hf_home")))  # read by default_cache_dir()
+        demo = app.build_demo(registry=registry)
         _, url, _ = demo.launch(
             server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True, css=app.CSS
         )
@@ -139,9 +148,30 @@ def space(bundled_dir, broken_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pipe(space):
-    app, demo, _, _ = space
-    return demo.pmf_registry.get("bundled")
+def pipe(space, registry):
+    return registry.get("bundled")
+
+
+@pytest.fixture
+def server_calls(space, monkeypatch):
+    """Counts the Space's server-side work: `generate` requests (each starts with `validate_request`) and the
+    images `run_pipeline` made."""
+    app, *_ = space
+    counts = {"generate_calls": 0, "images": 0}
+    validate_request, run_pipeline = app.validate_request, app.run_pipeline
+
+    def counting_validate_request(*args, **kwargs):
+        counts["generate_calls"] += 1
+        return validate_request(*args, **kwargs)
+
+    def counting_run_pipeline(*args, **kwargs):
+        images, seconds = run_pipeline(*args, **kwargs)
+        counts["images"] += len(images)
+        return images, seconds
+
+    monkeypatch.setattr(app, "validate_request", counting_validate_request)
+    monkeypatch.setattr(app, "run_pipeline", counting_run_pipeline)
+    return counts
 
 
 def _request(pipe, **overrides) -> dict:
@@ -281,8 +311,11 @@ def test_switching_to_an_imagenet_model_updates_classes_and_guidance(space):
 
 
 def test_model_list_offline_and_gpu_decorator_fallback(space, monkeypatch):
+    from huggingface_hub import constants
+
     app, *_ = space
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # huggingface_hub reads the variable at import
     assert app.hub_reachable() is False
     monkeypatch.setattr(app, "_official_cached", lambda name: name == "pMF-L/16")
     assert list(app.default_models()) == ["bundled", "pMF-L/16"]  # offline: only what is cached
@@ -313,16 +346,16 @@ def _non_background_fraction(region: np.ndarray) -> float:
     return float((np.abs(flat - background).sum(axis=1) > 30).mean())
 
 
-def test_browser_click_generate_fills_the_gallery(space, pipe, tmp_path):
+def test_browser_click_generate_fills_the_gallery(space, pipe, server_calls, tmp_path):
     screenshot = _browser()
     app, demo, url, _ = space
-    calls, images = demo.pmf_stats["generate_calls"], demo.pmf_stats["images"]
+    calls, images = server_calls["generate_calls"], server_calls["images"]
     expected = len(app.default_classes(pipe))
     out = tmp_path / "space.png"
     info = screenshot.capture_generate(url, out, expected_images=expected, timeout=60)
 
-    assert demo.pmf_stats["generate_calls"] == calls + 1  # the click ran the server's generate function once
-    assert demo.pmf_stats["images"] == images + expected
+    assert server_calls["generate_calls"] == calls + 1  # the click ran the server's generate function once
+    assert server_calls["images"] == images + expected
     assert info["images"] >= expected and "ms per image" in info["timing"]
     shot = np.asarray(Image.open(io.BytesIO(out.read_bytes())).convert("RGB"))
     assert shot.shape[0] >= 600 and shot.shape[1] >= 1000
@@ -332,16 +365,16 @@ def test_browser_click_generate_fills_the_gallery(space, pipe, tmp_path):
     assert gallery.size and _non_background_fraction(gallery) > 0.05  # the samples are on screen
 
 
-def test_browser_shows_errors_and_keeps_model_after_failed_load(space):
+def test_browser_shows_errors_and_keeps_model_after_failed_load(space, server_calls):
     screenshot = _browser()
     _, demo, url, _ = space
     with screenshot.BrowserPage(url, timeout=30) as page:
         page.type_class("no such class")
-        calls = demo.pmf_stats["generate_calls"]
+        calls = server_calls["generate_calls"]
         page.click_generate()
         toast = page.wait_for(lambda: [t for t in page.toasts() if t["kind"] == "error"], "an error toast")
         assert "Unknown class 'no such class'" in toast[0]["text"]
-        assert demo.pmf_stats["generate_calls"] == calls + 1
+        assert server_calls["generate_calls"] == calls + 1
 
         page.select_model("broken")
         warning = page.wait_for(lambda: [t for t in page.toasts() if t["kind"] == "warning"], "a warning toast")

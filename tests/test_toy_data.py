@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pmf_diffusers.training.toy_classifier import (
+from pmf_diffusers.image_grid import image_grid, save_image_grid
+from pmf_diffusers.toy.judge import (
     ToyClassifier,
     evaluate_per_class_accuracy,
     load_image_folder,
@@ -21,15 +22,14 @@ from pmf_diffusers.training.toy_classifier import (
     save_toy_classifier,
     train_toy_classifier,
 )
-from pmf_diffusers.training.toy_data import (
+from pmf_diffusers.toy.shapes import (
     TOY_CLASS_FOLDERS,
     TOY_CLASS_NAMES,
     generate_toy_arrays,
     make_toy_dataset,
-    main as toy_data_main,
     render_toy_image,
-    save_image_grid,
 )
+from pmf_diffusers.training.toy_data import main as toy_data_main  # the old entry point, now `pmf toy-data`
 
 NUM_CLASSES = len(TOY_CLASS_NAMES)
 
@@ -164,6 +164,26 @@ def test_save_image_grid(tmp_path):
     p3 = save_image_grid([Image.fromarray(a) for a in arrays], tmp_path / "grid3.png", nrow=8)
     assert np.array_equal(np.asarray(Image.open(p)), np.asarray(Image.open(p2)))
     assert np.array_equal(np.asarray(Image.open(p)), np.asarray(Image.open(p3)))
+
+
+def test_image_grid_tile_sizes_and_background():
+    arrays, _ = generate_toy_arrays(1, 16, seed=0)  # 10 images of 16x16
+    tiles = [Image.fromarray(a) for a in arrays]
+    grid = image_grid(tiles[:5], columns=3, background="black")  # 2 rows, one empty cell
+    assert grid.size == (48, 32)
+    cells = np.asarray(grid)
+    assert np.array_equal(cells[16:, 16:32], arrays[4]) and not cells[16:, 32:].any()
+    assert image_grid(tiles).size == (4 * 16, 3 * 16)  # default: ceil(sqrt(10)) columns
+    # min_tile: integer nearest-neighbour upscaling; max_tile: downscaling that keeps the aspect ratio
+    upscaled = image_grid(tiles[:2], min_tile=40)
+    assert upscaled.size == (2 * 48, 48)
+    assert np.array_equal(np.asarray(upscaled)[:48, :48], np.repeat(np.repeat(arrays[0], 3, axis=0), 3, axis=1))
+    assert image_grid([tile.resize((64, 32)) for tile in tiles[:2]], max_tile=32).size == (2 * 32, 16)
+    # uint8 NCHW tensors are taken as they are (not rescaled from value_range)
+    as_tensor = torch.from_numpy(arrays).permute(0, 3, 1, 2)
+    assert np.array_equal(np.asarray(image_grid(as_tensor, columns=5)), np.asarray(image_grid(tiles, columns=5)))
+    with pytest.raises(ValueError, match="same size"):
+        image_grid([tiles[0], tiles[1].resize((8, 8))])
 
 
 # --------------------------------------------------------------------------- classifier

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from pmf_diffusers import PMFPipeline, PMFScheduler, PMFTransformer2DModel
-from pmf_diffusers.lora import ADAPTER_CONFIG_NAME, CLASS_EMBEDDINGS_NAME, replace_class_table
+from pmf_diffusers.loaders import ADAPTER_CONFIG_NAME, CLASS_EMBEDDINGS_NAME
+from pmf_diffusers.training.lora import replace_class_table
 from pmf_diffusers.training.presets import get_training_preset
 from pmf_diffusers.training.toy_data import TOY_CLASS_FOLDERS, make_toy_dataset
 from conftest import load_train_script

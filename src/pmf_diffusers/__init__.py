@@ -17,7 +17,8 @@ _EXPORTS = {
     "PMFTransformer2DModel": "models.transformer_pmf",
     "PMFTransformer2DModelOutput": "models.transformer_pmf",
     "convert_official_state_dict": "conversion",
-    "load_official": "conversion",
+    "load_official": "loading",
+    "load_pipeline": "loading",
     "load_bundled_pipeline": "bundled",
     "bundled_model_path": "bundled",
 }

@@ -9,60 +9,36 @@ import math
 import re
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+# The facts about the released sizes live in `official.py`, `load_official` in `loading.py`; OFFICIAL_PRESETS,
+# OFFICIAL_REPO_ID, default_cache_dir and load_official stay importable from here, where they used to live.
+from .loading import load_official  # noqa: F401
 from .models.transformer_pmf import PMFTransformer2DModel, get_2d_rope_freqs
+from .official import (  # noqa: F401
+    OFFICIAL_PRESETS,
+    OFFICIAL_REPO_ID,
+    CheckpointConversionError,
+    OfficialPreset,
+    check_preset,
+    default_cache_dir,
+    resolve_preset,
+)
 from .pipelines.pipeline_pmf import PMFPipeline, load_imagenet_id2label
 from .schedulers.scheduling_pmf import PMFScheduler
 
-OFFICIAL_REPO_ID = "Lyy0725/pMF"
-
-
-@dataclass(frozen=True)
-class OfficialPreset:
-    """Sampling settings of a released size (pmf_spec.md §2.6–2.7) and the shapes that identify it."""
-
-    name: str
-    filename: str
-    sample_size: int
-    patch_size: int
-    hidden_size: int
-    num_layers: int
-    noise_scale: float
-    guidance_scale: float
-    guidance_interval: tuple[float, float]
-    fid: float
-    inception_score: float | None = None
-
-
-# B/16 uses the JAX evaluation config (ω 8.5, [0.1, 0.7]) behind the paper's FID; the torch README's CLI defaults
-# (7.5, [0.1, 0.8]) remain available through `guidance_scale` / `guidance_interval`.
-OFFICIAL_PRESETS: dict[str, OfficialPreset] = {
-    preset.name: preset
-    for preset in (
-        OfficialPreset("pMF-B/16", "pMF-B-16.pt", 256, 16, 768, 8, 1.0, 8.5, (0.1, 0.7), 3.12),
-        OfficialPreset("pMF-B/32", "pMF-B-32.pt", 512, 32, 768, 8, 2.0, 6.5, (0.1, 0.7), 3.70),
-        OfficialPreset("pMF-L/16", "pMF-L-16.pt", 256, 16, 1024, 24, 1.0, 7.0, (0.2, 0.7), 2.52),
-        OfficialPreset("pMF-L/32", "pMF-L-32.pt", 512, 32, 1024, 24, 4.0, 7.5, (0.2, 0.6), 2.75),
-        OfficialPreset("pMF-H/16", "pMF-H-16.pt", 256, 16, 1280, 40, 2.0, 7.0, (0.2, 0.6), 2.22),
-        OfficialPreset("pMF-H/32", "pMF-H-32.pt", 512, 32, 1280, 40, 4.0, 5.5, (0.1, 0.6), 2.48),
-    )
-}
-
-
-class CheckpointConversionError(ValueError):
-    """A checkpoint whose keys or shapes do not form a pMF network (the message names every offending key)."""
-
-
-def resolve_preset(name: str) -> OfficialPreset:
-    """Accepts `pMF-B/16`, `pmf-b-16`, `B/16`, `pmfDiT_B_16` and similar spellings."""
-    match = re.fullmatch(r"(?:pmf(?:dit)?[-_ ]?)?([blh])[-_/ ]?(16|32)(?:\.pt)?", name.strip().lower())
-    if match is None:
-        raise ValueError(f"Unknown pMF size {name!r}; choose one of {', '.join(OFFICIAL_PRESETS)}.")
-    return OFFICIAL_PRESETS[f"pMF-{match.group(1).upper()}/{match.group(2)}"]
+__all__ = [
+    "CheckpointConversionError",
+    "official_key_to_diffusers",
+    "flax_params_to_official_torch",
+    "infer_config",
+    "convert_official_state_dict",
+    "load_official_checkpoint",
+    "build_pipeline",
+    "convert_checkpoint",
+]
 
 
 # Official torch names → ours. Applied in order with re.sub; every official key must match exactly one rule.
@@ -306,28 +282,6 @@ def build_pipeline(
     )
 
 
-def check_preset(config: dict, preset: OfficialPreset):
-    """Refuse a checkpoint whose shapes contradict the chosen size preset."""
-    found = {
-        "image size": config["sample_size"],
-        "patch size": config["patch_size"],
-        "hidden size": config["num_attention_heads"] * config["attention_head_dim"],
-        "trunk depth": config["num_layers"],
-    }
-    wanted = {
-        "image size": preset.sample_size,
-        "patch size": preset.patch_size,
-        "hidden size": preset.hidden_size,
-        "trunk depth": preset.num_layers,
-    }
-    conflicts = [f"{name} {found[name]} (preset {wanted[name]})" for name in found if found[name] != wanted[name]]
-    if conflicts:
-        raise CheckpointConversionError(
-            f"The checkpoint contradicts preset {preset.name}: {', '.join(conflicts)}. Pick the matching preset or "
-            "give --noise-scale / --guidance-scale / --guidance-interval instead."
-        )
-
-
 def convert_checkpoint(
     checkpoint: str | Path | Mapping,
     output_dir: str | Path | None = None,
@@ -342,7 +296,7 @@ def convert_checkpoint(
     if output_dir is not None:
         output_dir = Path(output_dir)
         if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-            raise FileExistsError(f"Output folder {output_dir} exists and is not empty; pass --overwrite to replace it.")
+            raise FileExistsError(f"Output folder {output_dir} exists and is not empty; pass overwrite=True to replace it.")
     state_dict = load_official_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
     config, converted = convert_official_state_dict(state_dict)
     if isinstance(preset, str):
@@ -361,44 +315,3 @@ def convert_checkpoint(
             shutil.rmtree(output_dir)
         pipeline.save_pretrained(output_dir, safe_serialization=True)
     return pipeline
-
-
-def default_cache_dir() -> Path:
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HOME) / "pmf-diffusers" / "converted"
-
-
-def load_official(
-    size: str | OfficialPreset = "pMF-B/16",
-    cache_dir: str | Path | None = None,
-    repo_id: str = OFFICIAL_REPO_ID,
-    revision: str | None = None,
-    dtype: torch.dtype | None = None,
-) -> PMFPipeline:
-    """The released pMF weights in one line: download the official `.pt` of `size` from the Hub (`Lyy0725/pMF`),
-    convert it once, cache the converted pipeline folder and return the pipeline.
-
-    Example: `pipe = pmf_diffusers.load_official("pMF-B/16")`, then `pipe(class_labels="golden retriever")`.
-    """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    preset = resolve_preset(size) if isinstance(size, str) else size
-    folder = Path(cache_dir or default_cache_dir()) / preset.name.replace("/", "-")
-    if not (folder / "model_index.json").is_file():
-        try:
-            checkpoint_path = hf_hub_download(repo_id, preset.filename, revision=revision)
-        except LocalEntryNotFoundError:
-            raise ConnectionError(
-                f"{preset.name} is not cached and the Hub is unreachable (offline). On a connected machine run "
-                f"`pmf convert {preset.name} OUTPUT_DIR`, or download {repo_id}/{preset.filename} and run "
-                f"`pmf convert {preset.filename} {folder} --preset {preset.name}`."
-            ) from None
-        staging = folder.with_name(folder.name + ".partial")
-        convert_checkpoint(checkpoint_path, staging, preset=preset, overwrite=True)
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    return PMFPipeline.from_pretrained(folder, **kwargs)

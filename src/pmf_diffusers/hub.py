@@ -9,20 +9,19 @@
 - `pipeline_pmf.py`, a one-line shim that re-exports the installed `PMFPipeline`, so that
   `DiffusionPipeline.from_pretrained(repo, custom_pipeline="pipeline_pmf", trust_remote_code=True)` works too.
 
-It then creates the repo (and the branch), and uploads the folder in one `upload_folder` call. `pmf push` is the
-command-line face of the same function (`add_push_arguments` / `run_push`).
+It then creates the repo (and the branch), and uploads the folder in one `upload_folder` call. `pmf push`
+(`pmf_diffusers.commands.push`) is the command-line face of the same function.
+
+This module imports torch, diffusers and huggingface_hub only inside its functions.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +39,8 @@ SHIM_SOURCE = (
 )
 SAMPLES_FILENAME = "samples.png"
 CARD_FILENAME = "README.md"
-# The classes and seeds (0..7, one CPU generator per image) of the official torch `evaluate.py` sample mode
-# (pmf_spec.md §4).
-IMAGENET_SAMPLE_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
+# Image i of the sample grid uses a CPU generator seeded with SAMPLE_SEED + i, as the official `evaluate.py` sample
+# mode does for its classes (official.IMAGENET_SAMPLE_CLASSES).
 SAMPLE_SEED = 0
 SAMPLE_TILE_MAX = 256  # sample tiles larger than this are downscaled so that samples.png stays small
 # Files copied from a pipeline folder; everything else (pickles above all) stays home.
@@ -70,7 +68,7 @@ _CARD_FIELDS = {
     "official": _COMMON_FIELDS | {"preset"},
     "trained": _COMMON_FIELDS
     | {"dataset", "datasets", "training_steps", "recipe", "command", "base_model", "license", "license_name",
-       "license_link", "metrics"},
+       "license_link", "metrics", "adapter_base"},
 }
 
 
@@ -224,7 +222,8 @@ def check_pipeline_folder(folder: str | Path) -> dict:
     return index
 
 
-def _load_pipeline(pipeline_or_folder):
+def _pipeline_and_folder(pipeline_or_folder):
+    """The pipeline to push, and the folder it was loaded from (`None` for an in-memory pipeline)."""
     from .pipelines.pipeline_pmf import PMFPipeline
 
     if isinstance(pipeline_or_folder, PMFPipeline):
@@ -237,10 +236,12 @@ def _load_pipeline(pipeline_or_folder):
     check_pipeline_folder(folder)
     from diffusers.utils import logging as diffusers_logging
 
+    from .loading import load_pipeline
+
     bar_was_enabled = diffusers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()  # "Loading pipeline components" is noise here
     try:
-        pipeline = PMFPipeline.from_pretrained(folder, use_safetensors=True)
+        pipeline = load_pipeline(folder)
     except Exception as error:
         raise HubPushError(f"cannot load the PMFPipeline in {folder}: {_first_line(error)}") from None
     finally:
@@ -291,27 +292,8 @@ def _stage_pipeline(pipeline, folder: Path | None, stage: Path) -> list[str]:
     return skipped
 
 
-def match_official_preset(pipeline):
-    """The released pMF size whose shapes and noise scale the pipeline has, or None."""
-    from .conversion import OFFICIAL_PRESETS
-
-    config = pipeline.transformer.config
-    shape = (
-        config.sample_size,
-        config.patch_size,
-        config.num_attention_heads * config.attention_head_dim,
-        config.num_layers,
-        config.num_classes,
-    )
-    for preset in OFFICIAL_PRESETS.values():
-        wanted = (preset.sample_size, preset.patch_size, preset.hidden_size, preset.num_layers, 1000)
-        if shape == wanted and math.isclose(pipeline.scheduler.config.noise_scale, preset.noise_scale):
-            return preset
-    return None
-
-
 def _resolve_preset(preset):
-    from .conversion import OfficialPreset, resolve_preset
+    from .official import OfficialPreset, resolve_preset
 
     if isinstance(preset, OfficialPreset):
         return preset
@@ -327,33 +309,27 @@ def _class_name(id2label: dict, class_id: int) -> str | None:
 
 
 def default_sample_classes(pipeline) -> list[int]:
+    """The official sample classes for an ImageNet model, else the first (up to) 8 classes."""
+    from .official import IMAGENET_SAMPLE_CLASSES, OFFICIAL_NUM_CLASSES
+
     num_classes = pipeline.transformer.config.num_classes
-    if num_classes >= 1000:
+    if num_classes >= OFFICIAL_NUM_CLASSES:
         return list(IMAGENET_SAMPLE_CLASSES)
     return list(range(min(num_classes, 8)))
 
 
 def render_sample_grid(pipeline, class_labels=None, seed: int = SAMPLE_SEED, columns: int = 4, max_tile: int = SAMPLE_TILE_MAX):
     """One-step samples, image i seeded with `seed + i` (CPU generators, so the grid does not depend on the
-    device), tiled into one PIL image `columns` wide."""
+    device), tiled into one PIL image `columns` wide (tiles larger than `max_tile` are downscaled)."""
     import torch
-    from PIL import Image
+
+    from .image_grid import image_grid
 
     labels = list(class_labels) if class_labels is not None else default_sample_classes(pipeline)
     generators = [torch.Generator(device="cpu").manual_seed(seed + index) for index in range(len(labels))]
     with torch.no_grad():
         images = pipeline(class_labels=labels, num_inference_steps=1, generator=generators, output_type="pil").images
-    tile = images[0].size
-    if max(tile) > max_tile:
-        scale = max_tile / max(tile)
-        tile = (max(1, round(tile[0] * scale)), max(1, round(tile[1] * scale)))
-        images = [image.resize(tile, Image.Resampling.LANCZOS) for image in images]
-    columns = max(1, min(columns, len(images)))
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * tile[0], rows * tile[1]), "white")
-    for index, image in enumerate(images):
-        grid.paste(image.convert("RGB"), ((index % columns) * tile[0], (index // columns) * tile[1]))
-    return grid
+    return image_grid(images, columns=columns, max_tile=max_tile)
 
 
 # ------------------------------------------------------------------------------------------------- model cards
@@ -395,22 +371,21 @@ def _as_list(value) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def _looks_like_repo_id(text: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", text or ""))
-
-
 def render_model_card(kind: str, **info):
     """Render the model card of a pMF pipeline as a `huggingface_hub.ModelCard`.
 
     `kind="official"` (converted released weights; needs `preset`, e.g. `"pMF-B/16"`) or `"trained"` (your own
     training run or fine-tune; needs `resolution` and `num_classes`, and takes `dataset`, `datasets` (Hub ids),
-    `training_steps`, `recipe` (dict, rendered as a table), `command`, `base_model`, `license` (default `"mit"`) and
-    `metrics` (dict of measured values)). Both take `repo_id` (required: it goes into the usage snippet) and,
+    `training_steps`, `recipe` (dict, rendered as a table), `command`, `base_model`, `license` (default `"mit"`),
+    `metrics` (dict of measured values) and `adapter_base` (for a LoRA adapter: the base pipeline, Hub id or folder,
+    that the usage snippet loads before `pipe.load_lora_weights(repo_id)`)). Both take `repo_id` (required: it goes into the usage snippet) and,
     optionally, `title`, `description`, `sample_grid` (file name of the grid image), `sample_labels`, `sample_seeds`,
     `num_parameters`, `patch_size`, `example_class`, `example_label`, `guidance_scale`, `guidance_interval`,
     `noise_scale`, `steps` and extra `tags`. `push_pipeline_to_hub` fills these from the pipeline.
     """
     from huggingface_hub import ModelCard, ModelCardData
+
+    from .loading import looks_like_repo_id
 
     if kind not in CARD_KINDS:
         raise HubPushError(f"unknown model-card kind {kind!r}: choose 'official' or 'trained'")
@@ -431,7 +406,7 @@ def render_model_card(kind: str, **info):
     extra_tags = _as_list(context.pop("tags", None))
 
     if kind == "official":
-        from .conversion import OFFICIAL_REPO_ID
+        from .official import IMAGENET_SAMPLE_CLASSES, OFFICIAL_NUM_CLASSES, OFFICIAL_REPO_ID
 
         if not context.get("preset"):
             raise HubPushError("an official model card needs preset (one of pMF-B/16 … pMF-H/32)")
@@ -441,7 +416,7 @@ def render_model_card(kind: str, **info):
         context["inception_score"] = preset.inception_score
         context.setdefault("resolution", preset.sample_size)
         context.setdefault("patch_size", preset.patch_size)
-        context.setdefault("num_classes", 1000)
+        context.setdefault("num_classes", OFFICIAL_NUM_CLASSES)
         context.setdefault("guidance_scale", preset.guidance_scale)
         context.setdefault("guidance_interval", list(preset.guidance_interval))
         context.setdefault("noise_scale", preset.noise_scale)
@@ -450,10 +425,10 @@ def render_model_card(kind: str, **info):
                 f"resolution {context['resolution']} contradicts preset {preset.name} ({preset.sample_size})"
             )
         if "example_class" not in context:
-            from .pipelines.pipeline_pmf import load_imagenet_id2label
+            from .labels import load_imagenet_id2label
 
-            context["example_class"] = 207
-            context.setdefault("example_label", _class_name(load_imagenet_id2label(), 207))
+            context["example_class"] = IMAGENET_SAMPLE_CLASSES[0]
+            context.setdefault("example_label", _class_name(load_imagenet_id2label(), context["example_class"]))
         stored = (float(context["guidance_scale"]), [float(v) for v in context["guidance_interval"]])
         paper = (preset.guidance_scale, [float(v) for v in preset.guidance_interval])
         notes = []
@@ -485,10 +460,10 @@ def render_model_card(kind: str, **info):
         if license_id == "other" and not context.get("license_name"):
             raise HubPushError("license 'other' needs license_name (and license_link)")
         base_model = context.get("base_model")
-        if base_model is not None and not _looks_like_repo_id(base_model):
+        if base_model is not None and not looks_like_repo_id(base_model):
             raise HubPushError(f"base_model {base_model!r} is not a Hub repo id ('namespace/name')")
         datasets = _as_list(context.pop("datasets", None))
-        if not datasets and _looks_like_repo_id(context.get("dataset") or ""):
+        if not datasets and looks_like_repo_id(context.get("dataset") or ""):
             datasets = [context["dataset"]]
         if context.get("dataset") is None and datasets:
             context["dataset"] = ", ".join(datasets)
@@ -523,7 +498,7 @@ def render_model_card(kind: str, **info):
             tags=BASE_TAGS + [tag for tag in extra_tags if tag not in BASE_TAGS],
         )
         if base_model:
-            card_data.base_model_relation = "finetune"
+            card_data.base_model_relation = "adapter" if context.get("adapter_base") else "finetune"
     for key in ("guidance_scale", "noise_scale"):
         context[key] = format(float(context[key]), "g")
     context["guidance_interval"] = [format(float(v), "g") for v in context["guidance_interval"]]
@@ -559,12 +534,18 @@ def check_model_card(card) -> None:
 
 def _card_context(pipeline, repo_id: str, card_kind: str | None, card_info: dict | None):
     """The card kind, the official preset (or None) and the `render_model_card` fields, filled from the pipeline."""
-    from .conversion import check_preset
+    from .official import IMAGENET_SAMPLE_CLASSES, OFFICIAL_NUM_CLASSES, check_preset, match_preset
 
     info = dict(card_info or {})
     preset = info.pop("preset", None)
     preset = _resolve_preset(preset) if preset else None
-    matched = match_official_preset(pipeline)
+    transformer_config = dict(pipeline.transformer.config)
+    # A released size has its shapes, its noise scale and the 1000 ImageNet classes.
+    matched = match_preset(
+        transformer_config,
+        noise_scale=pipeline.scheduler.config.noise_scale,
+        num_classes=transformer_config["num_classes"],
+    )
     training_keys = {"base_model", "recipe", "training_steps", "command", "dataset", "datasets", "metrics", "license"}
     if card_kind is None:
         card_kind = "official" if (preset or matched) and not training_keys & set(info) else "trained"
@@ -577,12 +558,10 @@ def _card_context(pipeline, repo_id: str, card_kind: str | None, card_info: dict
                 "card kind 'official' needs a released size: the pipeline matches none of pMF-B/16 … pMF-H/32; "
                 "pass card_info={'preset': 'pMF-B/16'} or use card kind 'trained'"
             )
-        config = dict(pipeline.transformer.config)
         try:
-            check_preset(config, preset)
+            check_preset(transformer_config, preset)
         except ValueError as error:
-            details = _first_line(error).split(". Pick")[0].replace("The checkpoint contradicts", "the pipeline contradicts")
-            raise HubPushError(details) from None
+            raise HubPushError(f"card kind 'official' does not fit this pipeline: {_first_line(error)}") from None
     else:
         preset = None
 
@@ -597,7 +576,7 @@ def _card_context(pipeline, repo_id: str, card_kind: str | None, card_info: dict
         "guidance_interval": list(pipeline.config.default_guidance_interval),
         "noise_scale": pipeline.scheduler.config.noise_scale,
     }
-    example_class = 207 if transformer.config.num_classes >= 1000 else 0
+    example_class = IMAGENET_SAMPLE_CLASSES[0] if transformer.config.num_classes >= OFFICIAL_NUM_CLASSES else 0
     fields["example_class"] = example_class
     fields["example_label"] = _class_name(id2label, example_class)
     if preset is not None:
@@ -654,10 +633,8 @@ def push_pipeline_to_hub(
     Returns:
         A `PushResult` listing the files (and, after a real push, the repo, commit and pull-request URLs).
     """
-    import huggingface_hub
-    from huggingface_hub import HfApi
-
     from . import __version__
+    from .loading import hub_offline
 
     repo_id = check_repo_id(repo_id)
     if card_kind is not None and card_kind not in CARD_KINDS:
@@ -669,11 +646,11 @@ def push_pipeline_to_hub(
     if endpoint is None:  # HF_ENDPOINT as it is now (huggingface_hub's own constant froze it at import time)
         endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or None
     if not dry_run:
-        if huggingface_hub.constants.is_offline_mode():
+        if hub_offline():
             raise HubPushError("offline mode is on (HF_HUB_OFFLINE=1): unset it to push, or use a dry run")
         token = resolve_token(token)
 
-    pipeline, folder = _load_pipeline(pipeline_or_folder)
+    pipeline, folder = _pipeline_and_folder(pipeline_or_folder)
     kind, preset, fields = _card_context(pipeline, repo_id, card_kind, card_info)
 
     if staging_dir is not None:
@@ -681,20 +658,30 @@ def push_pipeline_to_hub(
         if staging_dir.exists() and any(staging_dir.iterdir()):
             raise HubPushError(f"staging folder {staging_dir} is not empty")
         staging_dir.mkdir(parents=True, exist_ok=True)
-    commit_message = commit_message or f"Upload pMF pipeline ({kind}) with pmf-diffusers {__version__}"
     with contextlib.ExitStack() as stack:
         stage = staging_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pmf-push-")))
-        return _stage_and_push(
-            pipeline, folder, stage, repo_id, kind, preset, fields, sample_grid, dry_run, token, private, revision,
-            create_pr, commit_message, endpoint, HfApi,
+        skipped = _stage_pipeline(pipeline, folder, stage)
+        _stage_card_and_samples(pipeline, stage, kind, fields, sample_grid)
+        files = sorted((p.relative_to(stage).as_posix(), p.stat().st_size) for p in stage.rglob("*") if p.is_file())
+        if token:
+            needle = token.encode()
+            for path, _ in files:
+                if needle in (stage / path).read_bytes():
+                    raise HubPushError(f"refusing to upload: the access token appears in {path}")
+        result = PushResult(
+            repo_id=repo_id, files=files, card_kind=kind, dry_run=dry_run, revision=revision, create_pr=create_pr,
+            preset=preset.name if preset else None, skipped=skipped,
         )
+        if not dry_run:
+            _upload(
+                stage, result, endpoint=endpoint, token=token, private=private,
+                commit_message=commit_message or f"Upload pMF pipeline ({kind}) with pmf-diffusers {__version__}",
+            )
+        return result
 
 
-def _stage_and_push(
-    pipeline, folder, stage, repo_id, kind, preset, fields, sample_grid, dry_run, token, private, revision, create_pr,
-    commit_message, endpoint, api_class,
-) -> PushResult:
-    skipped = _stage_pipeline(pipeline, folder, stage)
+def _stage_card_and_samples(pipeline, stage: Path, kind: str, fields: dict, sample_grid: bool) -> None:
+    """Write the sample grid (optional), the model card and the loader shim into `stage`."""
     if sample_grid:
         labels = default_sample_classes(pipeline)
         render_sample_grid(pipeline, labels).save(stage / SAMPLES_FILENAME)
@@ -706,28 +693,21 @@ def _stage_and_push(
     card.save(stage / CARD_FILENAME)
     (stage / SHIM_FILENAME).write_text(SHIM_SOURCE)
 
-    files = sorted((p.relative_to(stage).as_posix(), p.stat().st_size) for p in stage.rglob("*") if p.is_file())
-    if token:
-        needle = token.encode()
-        for path, _ in files:
-            if needle in (stage / path).read_bytes():
-                raise HubPushError(f"refusing to upload: the access token appears in {path}")
-    result = PushResult(
-        repo_id=repo_id, files=files, card_kind=kind, dry_run=dry_run, revision=revision, create_pr=create_pr,
-        preset=preset.name if preset else None, skipped=skipped,
-    )
-    if dry_run:
-        return result
 
+def _upload(stage: Path, result: PushResult, *, endpoint, token, private, commit_message) -> None:
+    """Create the repo (and branch) and upload `stage` in one commit; fills the URLs of `result`."""
+    from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    api = api_class(endpoint=endpoint, token=token)
+    repo_id, revision = result.repo_id, result.revision
+    api = HfApi(endpoint=endpoint, token=token)
     try:
         result.repo_url = str(api.create_repo(repo_id, private=private, exist_ok=True))
         if revision is not None and revision != "main" and not revision.startswith("refs/"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         commit = api.upload_folder(
-            repo_id=repo_id, folder_path=stage, revision=revision, create_pr=create_pr, commit_message=commit_message
+            repo_id=repo_id, folder_path=stage, revision=revision, create_pr=result.create_pr,
+            commit_message=commit_message,
         )
     except HfHubHTTPError as error:
         status = getattr(getattr(error, "response", None), "status_code", None)
@@ -741,96 +721,36 @@ def _stage_and_push(
         raise HubPushError(f"the push to {repo_id} failed: {type(error).__name__}: {_first_line(error)}") from error
     result.commit_url = commit.commit_url
     result.pr_url = commit.pr_url
+
+
+def push_adapter_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+    endpoint: str | None = None,
+) -> PushResult:
+    """Upload a LoRA adapter folder as it is (adapter files, `README.md` card, `samples.png`; what
+    `examples/train_pmf.py --lora_rank` writes), with the safeguards of [`push_pipeline_to_hub`]: repo-id check,
+    offline mode refused, token from huggingface_hub's usual sources (never printed), no file holding the token
+    uploaded, Hub errors as one-line [`HubPushError`]s."""
+    from . import __version__
+    from .loading import hub_offline
+
+    repo_id = check_repo_id(repo_id)
+    if hub_offline():
+        raise HubPushError("offline mode is on (HF_HUB_OFFLINE=1): unset it to push")
+    token = resolve_token(token)
+    if endpoint is None:
+        endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or None
+    folder = Path(folder)
+    files = sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
+    for path, _ in files:
+        if token.encode() in (folder / path).read_bytes():
+            raise HubPushError(f"refusing to upload: the access token appears in {path}")
+    result = PushResult(repo_id=repo_id, files=files, card_kind="adapter", dry_run=False)
+    _upload(str(folder), result, endpoint=endpoint, token=token, private=private,
+            commit_message=commit_message or f"Upload pMF LoRA adapter with pmf-diffusers {__version__}")
     return result
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-
-
-def add_push_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the `pmf push` arguments to a (sub)parser."""
-    parser.add_argument("folder", help="a saved PMFPipeline folder (pipe.save_pretrained / pmf convert output)")
-    parser.add_argument("repo_id", help="Hub repo id, namespace/name")
-    parser.add_argument(
-        "--private", action="store_const", const=True, default=None,
-        help="create the repo private (ignored when it exists)",
-    )
-    parser.add_argument("--revision", default=None, metavar="BRANCH", help="branch to push to (created from main if missing)")
-    parser.add_argument("--create-pr", action="store_true", help="open a pull request against main instead of committing")
-    parser.add_argument("--commit-message", default=None, metavar="MESSAGE")
-    parser.add_argument(
-        "--card-kind", choices=CARD_KINDS, default=None,
-        help="model card: 'official' (converted released weights) or 'trained'; default: decided from the pipeline",
-    )
-    parser.add_argument(
-        "--card-info", default=None, metavar="JSON_FILE",
-        help="JSON object of model-card fields: preset, dataset, training_steps, recipe, command, base_model, "
-        "license, metrics, title, description",
-    )
-    parser.add_argument("--base-model", default=None, metavar="REPO_ID", help="Hub id of the model this was fine-tuned from")
-    parser.add_argument("--license", default=None, help="license id of trained weights (default mit)")
-    parser.add_argument("--no-samples", action="store_true", help="do not render samples.png")
-    parser.add_argument("--dry-run", action="store_true", help="list the files that would be uploaded; send nothing")
-    parser.add_argument("--staging-dir", default=None, metavar="DIR", help="stage into DIR and keep it (inspect a dry run)")
-    parser.add_argument(
-        "--token-file", default=None, metavar="PATH",
-        help="read the Hub token from this file (default: HF_TOKEN or the `hf auth login` token)",
-    )
-    return parser
-
-
-def _load_card_info(args) -> dict:
-    info: dict = {}
-    if getattr(args, "card_info", None):
-        path = Path(args.card_info)
-        try:
-            info = json.loads(path.read_text())
-        except OSError as error:
-            raise HubPushError(f"cannot read --card-info {path}: {error.strerror or _first_line(error)}") from None
-        except json.JSONDecodeError as error:
-            raise HubPushError(f"--card-info {path} is not valid JSON: {_first_line(error)}") from None
-        if not isinstance(info, dict):
-            raise HubPushError(f"--card-info {path} must hold a JSON object")
-    if getattr(args, "base_model", None):
-        info["base_model"] = args.base_model
-    if getattr(args, "license", None):
-        info["license"] = args.license
-    return info
-
-
-def run_push(args: argparse.Namespace) -> int:
-    """`pmf push`: returns the exit status (0 pushed / dry run done, 1 refused). With `args.debug`, errors raise."""
-    try:
-        token = read_token_file(args.token_file) if getattr(args, "token_file", None) else None
-        result = push_pipeline_to_hub(
-            args.folder,
-            args.repo_id,
-            private=args.private,
-            token=token,
-            revision=args.revision,
-            create_pr=args.create_pr,
-            commit_message=args.commit_message,
-            card_kind=args.card_kind,
-            card_info=_load_card_info(args),
-            sample_grid=not args.no_samples,
-            dry_run=args.dry_run,
-            staging_dir=getattr(args, "staging_dir", None),
-        )
-    except HubPushError as error:
-        if getattr(args, "debug", False):
-            raise
-        print(f"pmf push: error: {error}", file=sys.stderr)
-        return 1
-    print(result.summary())
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m pmf_diffusers.hub FOLDER REPO_ID ...` (the same as `pmf push`)."""
-    parser = add_push_arguments(argparse.ArgumentParser(prog="pmf push", description="Publish a PMFPipeline to the Hub."))
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    return run_push(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

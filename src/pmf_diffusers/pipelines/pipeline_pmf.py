@@ -1,30 +1,64 @@
 # Copyright 2026 The pmf-diffusers developers. MIT License.
 """PMFPipeline: class-conditional, one-step, pixel-space sampling with pixel MeanFlow."""
 
-import difflib
-import json
-from collections.abc import Callable
-from pathlib import Path
+import numbers
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..lora import PMFLoraLoaderMixin
-from ..models.transformer_pmf import PMFTransformer2DModel
+from ..labels import class_name_index, load_imagenet_id2label, resolve_class_labels
+from ..loaders import PMFLoraLoaderMixin
+from ..models.transformer_pmf import PMFAttention, PMFTransformer2DModel
 from ..schedulers.scheduling_pmf import PMFScheduler
 
-IMAGENET_ID2LABEL_FILE = Path(__file__).with_name("imagenet_id2label.json")
-UNCONDITIONAL_NAMES = ("unconditional", "null", "none")
+logger = logging.get_logger(__name__)
+
+__all__ = ["PMFPipeline", "check_guidance_settings", "load_imagenet_id2label"]
 
 
-def load_imagenet_id2label() -> dict[int, str]:
-    """The 1000 ImageNet-1k class names in the standard (sorted synset) order, synonyms comma-separated."""
-    return {int(key): value for key, value in json.loads(IMAGENET_ID2LABEL_FILE.read_text()).items()}
+# Images per transformer call by default: enough to keep a GPU busy at the released sizes, few enough that a long
+# label list needs about as much memory as its output (the activations of 64 B/16 images are about 1 GB).
+DEFAULT_MAX_BATCH_SIZE = 64
+
+
+def _real_number(value) -> float | None:
+    """`value` as a float if it is a real number (Python/NumPy scalar, 0-d array or tensor), else `None`."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def check_guidance_settings(
+    guidance_scale: float | None = None, guidance_interval: tuple[float, float] | list[float] | None = None
+) -> None:
+    """Raise a one-line `ValueError` unless ω is a finite number ≥ 1 and the interval is a pair (t_min, t_max) with
+    0 ≤ t_min ≤ t_max ≤ 1.
+
+    The one place these rules live: the pipeline, the CLI, evaluation, the training script and the Space call it.
+    `None` means "the checkpoint's default" and is not checked.
+    """
+    if guidance_scale is not None:
+        omega = _real_number(guidance_scale)
+        if omega is None or not 1.0 <= omega < float("inf"):  # the comparisons also reject NaN
+            raise ValueError(f"`guidance_scale` (ω) must be a finite number ≥ 1 (1 = no guidance), got {guidance_scale!r}.")
+    if guidance_interval is None:
+        return
+    values = guidance_interval.tolist() if hasattr(guidance_interval, "tolist") else guidance_interval
+    if isinstance(values, str) or not isinstance(values, Sequence) or len(values) != 2:
+        raise ValueError(f"`guidance_interval` must be a pair (t_min, t_max), got {guidance_interval!r}.")
+    t_min, t_max = (_real_number(value) for value in values)
+    if t_min is None or t_max is None or not (0.0 <= t_min <= t_max <= 1.0):
+        raise ValueError(f"`guidance_interval` must satisfy 0 ≤ t_min ≤ t_max ≤ 1, got {tuple(values)!r}.")
 
 
 class PMFPipeline(DiffusionPipeline, PMFLoraLoaderMixin):
@@ -76,10 +110,7 @@ class PMFPipeline(DiffusionPipeline, PMFLoraLoaderMixin):
         # After the attribute: DiffusionPipeline.__setattr__ mirrors config attributes, and the config keeps `None`.
         self.register_to_config(id2label=id2label)
         # name → ids; a synonym shared by two classes (e.g. "crane") maps to both and must be disambiguated by id.
-        self.labels: dict[str, list[int]] = {}
-        for class_id, names in self.id2label.items():
-            for name in names.split(","):
-                self.labels.setdefault(name.strip().lower(), []).append(class_id)
+        self.labels: dict[str, list[int]] = class_name_index(self.id2label)
 
     @property
     def num_classes(self) -> int:
@@ -91,52 +122,13 @@ class PMFPipeline(DiffusionPipeline, PMFLoraLoaderMixin):
         `num_classes` (or the name `"unconditional"`) is the null label. Accepts a bare string or int.
         """
         labels = [label] if isinstance(label, (int, str)) else list(label)
-        if not labels:
-            raise ValueError("`class_labels` is empty: pass at least one class id or name, e.g. class_labels=[207].")
-        ids = []
-        for item in labels:
-            if isinstance(item, torch.Tensor) and item.ndim == 0:
-                item = int(item)
-            if isinstance(item, bool) or not isinstance(item, (int, str)):
-                raise TypeError(f"Class labels must be ints or class names, got {item!r} ({type(item).__name__}).")
-            if isinstance(item, str):
-                ids.append(self._name_to_id(item))
-            elif not 0 <= item <= self.num_classes:
-                raise ValueError(
-                    f"Class id {item} is out of range: this model has classes 0..{self.num_classes - 1} "
-                    f"(and {self.num_classes} = unconditional)."
-                )
-            else:
-                ids.append(item)
-        return ids
-
-    def _name_to_id(self, name: str) -> int:
-        key = name.strip().lower()
-        if key in UNCONDITIONAL_NAMES:
-            return self.num_classes
-        if key.isdigit():
-            return self.get_label_ids(int(key))[0]
-        if key not in self.labels:
-            close = difflib.get_close_matches(key, self.labels.keys(), n=3, cutoff=0.6)
-            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            known = "" if self.labels else " This pipeline has no `id2label`: pass class ids."
-            raise ValueError(f"Unknown class name {name!r}.{hint}{known}")
-        matches = self.labels[key]
-        if len(matches) > 1:
-            options = "; ".join(f"{i} = {self.id2label[i]!r}" for i in matches)
-            raise ValueError(f"Class name {name!r} is ambiguous ({options}): pass the class id instead.")
-        return matches[0]
+        labels = [int(item) if isinstance(item, torch.Tensor) and item.ndim == 0 else item for item in labels]
+        return resolve_class_labels(labels, self.num_classes, self.id2label, self.labels)
 
     def check_inputs(self, num_inference_steps, guidance_scale, guidance_interval, output_type, callback_inputs):
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be an integer ≥ 1, got {num_inference_steps!r}.")
-        if not guidance_scale >= 1.0:
-            raise ValueError(f"`guidance_scale` (ω) must be ≥ 1 (1 = no guidance), got {guidance_scale}.")
-        if len(guidance_interval) != 2:
-            raise ValueError(f"`guidance_interval` must be (t_min, t_max), got {guidance_interval!r}.")
-        t_min, t_max = guidance_interval
-        if not (0.0 <= t_min <= t_max <= 1.0):
-            raise ValueError(f"`guidance_interval` must satisfy 0 ≤ t_min ≤ t_max ≤ 1, got ({t_min}, {t_max}).")
+        check_guidance_settings(guidance_scale, guidance_interval)
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         if callback_inputs is not None and not all(k in self._callback_tensor_inputs for k in callback_inputs):

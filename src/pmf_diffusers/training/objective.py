@@ -11,17 +11,19 @@ guidance targets only need the v-head (one no-grad pass on a 2B batch), the JVP 
 runs without autograd, and one ordinary forward of both heads carries the gradient.
 """
 
-import logging
+import functools
 import weakref
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
+from diffusers.utils import logging
 from torch.distributed.tensor import DTensor
 
 from ..models.transformer_pmf import PMFEagerAttnProcessor, PMFTransformer2DModel
+from ..official import OFFICIAL_PRESETS, resolve_preset
 from .jvp import explicit_jvp_supported, u_head_jvp
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -30,7 +32,7 @@ class PMFLossConfig:
 
     Attributes:
         p_mean, p_std: Logit-normal time distribution: t = sigmoid(p_mean + p_std·n).
-        noise_scale: The noise is noise_scale·ε (1, 2, 1, 4, 2, 4 for B/16, B/32, L/16, L/32, H/16, H/32).
+        noise_scale: The noise is noise_scale·ε (per size: `OfficialPreset.noise_scale` in `pmf_diffusers.official`).
         data_proportion: Share of each batch (its first part) trained as flow matching (r = t, interval [0, 1]).
         tr_uniform: With probability `tr_uniform_prob` per sample, draw t and r from U(0, 1) instead (H models).
         cfg_max: ω is drawn on [1, 1 + cfg_max].
@@ -45,8 +47,8 @@ class PMFLossConfig:
         jvp_in_fp32: Run the JVP with autocast disabled, so a bf16 run keeps du/dt (which reaches 1e3 for small t)
             in full precision.
         explicit_jvp: Compute the JVP with the layer-by-layer forward-mode pass of `training.jvp` (same result to
-            fp32 rounding, ~1.4× faster on CPU than `torch.func.jvp`); `False` forces `torch.func.jvp`. Models
-            whose block linears are not plain linear maps (bias, active dropout) always use `torch.func.jvp`.
+            fp32 rounding, faster than `torch.func.jvp`: docs/benchmarks.md); `False` forces `torch.func.jvp`.
+            Models whose block linears are not plain linear maps (bias, active dropout) always use `torch.func.jvp`.
     """
 
     p_mean: float = 0.8
@@ -79,8 +81,6 @@ class PMFLossConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "PMFLossConfig":
         """The official recipe of a size (`"pMF-B/16"` … `"pMF-H/32"`), with optional field overrides."""
-        from ..conversion import resolve_preset
-
         preset = resolve_preset(name)
         return replace(LOSS_PRESETS[preset.name], **overrides)
 
@@ -88,14 +88,10 @@ class PMFLossConfig:
         return asdict(self)
 
 
-# Per-size recipes (pmf_spec.md §5.6). H: the config key `convnext_max_t: 0.6` is read as perceptual_max_t.
+# Per-size recipes (docs/algorithm.md, "Training recipe"): the defaults above with each size's noise scale and the
+# values its official config changes, as listed in `pmf_diffusers.official.OFFICIAL_PRESETS`.
 LOSS_PRESETS: dict[str, PMFLossConfig] = {
-    "pMF-B/16": PMFLossConfig(),
-    "pMF-B/32": PMFLossConfig(noise_scale=2.0),
-    "pMF-L/16": PMFLossConfig(cfg_beta=2.0),
-    "pMF-L/32": PMFLossConfig(p_mean=0.0, noise_scale=4.0, perceptual_max_t=0.6),
-    "pMF-H/16": PMFLossConfig(p_mean=0.0, noise_scale=2.0, perceptual_max_t=0.6, tr_uniform=True),
-    "pMF-H/32": PMFLossConfig(p_mean=0.0, noise_scale=4.0, perceptual_max_t=0.6, tr_uniform=True),
+    name: PMFLossConfig(noise_scale=preset.noise_scale, **preset.recipe) for name, preset in OFFICIAL_PRESETS.items()
 }
 
 
@@ -269,7 +265,10 @@ def _u_head_jvp_autograd(model, primals, tangents, class_labels, guidance, inter
         model.set_attn_processor(processors)
 
 
-_warned_no_perceptual = False
+@functools.cache
+def _warn_once(message: str) -> None:
+    """Log `message` the first time it comes up only: `pmf_loss` runs at every step."""
+    logger.warning(message)
 
 
 def pmf_loss(
@@ -293,7 +292,6 @@ def pmf_loss(
         perceptual: Optional `PerceptualLoss` (returns per-sample `"lpips"` and `"convnext"` distances on a shared
             random crop). Without it the perceptual terms are skipped (with a warning if their weights are non-zero).
     """
-    global _warned_no_perceptual
     model = _unwrap(transformer)
     batch_size = images.shape[0]
     num_classes = model.config.num_classes
@@ -385,9 +383,8 @@ def pmf_loss(
     zeros = torch.zeros(batch_size, device=x.device)
     lpips_per_sample, convnext_per_sample = zeros, zeros
     wants_perceptual = config.lpips_lambda > 0 or config.convnext_lambda > 0
-    if wants_perceptual and perceptual is None and not _warned_no_perceptual:
-        logger.warning("pmf_loss: no perceptual networks given; the LPIPS / ConvNeXt terms are skipped.")
-        _warned_no_perceptual = True
+    if wants_perceptual and perceptual is None:
+        _warn_once("pmf_loss: no perceptual networks given; the LPIPS / ConvNeXt terms are skipped.")
     selected = (t < config.perceptual_max_t).nonzero().flatten()
     if wants_perceptual and perceptual is not None and selected.numel() > 0:
         x_hat = z_t - column(t) * u

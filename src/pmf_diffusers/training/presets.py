@@ -1,11 +1,12 @@
 # Copyright 2026 The pmf-diffusers developers. MIT License.
 """Training presets: model shape + training recipe + sampling defaults, by name.
 
-* ``pMF-B/16`` … ``pMF-H/32`` — the six released sizes: shapes of the official ``pmfDiT_*`` (pmf_spec.md §2.6), recipe
-  of :meth:`PMFLossConfig.from_preset` (§5.6), global batch 1024, lr 1e-3 constant, EMA half-lives 500/1000/2000 kimg,
-  320 epochs, sampling ω and interval of :data:`pmf_diffusers.conversion.OFFICIAL_PRESETS` (§2.7), and the EMA the
-  official evaluation used for that size.
-* ``toy-cpu`` — a 32×32 model sized for a ≤ 25 min CPU run (2 cores) on the toy shapes dataset.
+* ``pMF-B/16`` … ``pMF-H/32`` — the six released sizes, built from :mod:`pmf_diffusers.official`: shapes of the
+  official ``pmfDiT_*`` (:func:`~pmf_diffusers.official.official_model_config`), recipe of
+  :meth:`PMFLossConfig.from_preset`, global batch 1024, lr 1e-3 constant, EMA half-lives 500/1000/2000 kimg,
+  320 epochs, sampling ω and interval of the release, and the EMA the official evaluation used for that size
+  (docs/algorithm.md, "Released sizes").
+* ``toy-cpu`` — a 32×32 model sized for a short CPU run on the toy shapes dataset.
 * ``tiny-test`` — a very small 16×16 model for tests.
 
 Every value can be overridden (the training script exposes one flag per field).
@@ -16,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ..conversion import OFFICIAL_PRESETS, resolve_preset
+# OFFICIAL_EVAL_EMA_KIMG and official_model_config live in `official.py`; importable from here, where they used to be.
+from ..official import OFFICIAL_EVAL_EMA_KIMG, OFFICIAL_PRESETS, official_model_config, resolve_preset
 from .objective import PMFLossConfig
 
 __all__ = [
@@ -27,16 +29,6 @@ __all__ = [
     "get_training_preset",
     "preset_names",
 ]
-
-# EMA half-life (kimg) behind the paper's numbers, per size (pmf_spec.md §2.7).
-OFFICIAL_EVAL_EMA_KIMG = {
-    "pMF-B/16": 2000.0,
-    "pMF-B/32": 2000.0,
-    "pMF-L/16": 1000.0,
-    "pMF-L/32": 2000.0,
-    "pMF-H/16": 1000.0,
-    "pMF-H/32": 500.0,
-}
 
 
 @dataclass(frozen=True)
@@ -84,27 +76,6 @@ class TrainingPreset:
         return dataclasses.replace(self, **changes)
 
 
-def official_model_config(name: str) -> dict:
-    """`PMFTransformer2DModel` kwargs (without ``num_classes``) of a released size, as the official ``pmfDiT_*``."""
-    preset = resolve_preset(name)
-    hidden = preset.hidden_size
-    heads = 12 if hidden <= 768 else 16
-    mlp_hidden_dim = int(hidden * 8 / 3)
-    if hidden > 1024:  # the torch branch rounds the SwiGLU width up to a multiple of 8 only above 1024 (H: 3413 → 3416)
-        mlp_hidden_dim = (mlp_hidden_dim + 7) // 8 * 8
-    return {
-        "sample_size": preset.sample_size,
-        "patch_size": preset.patch_size,
-        "num_layers": preset.num_layers,
-        "num_head_layers": 8,
-        "num_attention_heads": heads,
-        "attention_head_dim": hidden // heads,
-        "mlp_hidden_dim": mlp_hidden_dim,
-        "bottleneck_dim": 128 if hidden <= 1024 else 256,
-        "with_v_head": True,
-    }
-
-
 def _official(name: str) -> TrainingPreset:
     preset = OFFICIAL_PRESETS[name]
     return TrainingPreset(
@@ -115,7 +86,7 @@ def _official(name: str) -> TrainingPreset:
         ),
         model=official_model_config(name),
         loss=PMFLossConfig.from_preset(name),
-        export_ema_kimg=OFFICIAL_EVAL_EMA_KIMG[name],
+        export_ema_kimg=preset.eval_ema_kimg,
         guidance_scale=preset.guidance_scale,
         guidance_interval=tuple(preset.guidance_interval),
         official=True,
