@@ -365,8 +365,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def free_memory(device: torch.device) -> None:
-    gc.collect()
+def free_memory(device: torch.device, collect: bool = False) -> None:
+    """Return cached device memory; with `collect`, first free what only reference cycles still hold (after an OOM,
+    or once models were dropped)."""
+    if collect:
+        gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -410,10 +413,10 @@ def guarded(fn, device: torch.device):
     try:
         return "ok", fn()
     except torch.OutOfMemoryError:
-        free_memory(device)
+        free_memory(device, collect=True)
         return "OOM", None
     except Exception as err:  # noqa: BLE001 - a failing variant is a result, not the end of the check
-        free_memory(device)
+        free_memory(device, collect=True)
         return f"error: {type(err).__name__}: {_first_line(err)}", None
 
 
@@ -458,7 +461,7 @@ class Report:
     def add(self, section: str, key: str, row: dict) -> dict:
         self.section(section).setdefault(key, []).append(row)
         self.save()
-        brief = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if not isinstance(v, (list, dict))}
+        brief = {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in row.items() if not isinstance(v, (list, dict))}
         print(f"  {section}/{key}: {brief}", flush=True)
         return row
 
@@ -639,30 +642,27 @@ def worst_gradient_error(model: torch.nn.Module, expected: dict) -> float:
 # GEMM peak
 # ----------------------------------------------------------------------------------------------------------------
 def run_gemm(ctx: Context, deadline: float) -> None:
+    """Square GEMMs: bf16, fp32 under the run's TF32 policy (what the fp32 rows are set against) and, on a GPU with
+    TF32 on, fp32 IEEE too. The best call counts as the peak."""
     size, device = ctx.settings.gemm_size, ctx.device
     flops = 2 * size**3
-    variants = [("bfloat16", torch.bfloat16, None), (f"float32 ({ctx.args.fp32_matmul})", torch.float32, ctx.args.fp32_matmul)]
-    if ctx.args.fp32_matmul != "ieee":
-        variants.append(("float32 (ieee)", torch.float32, "ieee"))
+    variants = [("bfloat16", torch.bfloat16, "ieee"), ("float32", torch.float32, ctx.args.fp32_matmul)]
+    if device.type == "cuda" and ctx.args.fp32_matmul != "ieee":
+        variants.append(("float32_ieee", torch.float32, "ieee"))
     for name, dtype, policy in variants:
         if Clock.left(deadline) <= 0:
             break
         generator = torch.Generator(device=device).manual_seed(0)
         a = torch.randn(size, size, generator=generator, device=device).to(dtype)
         b = torch.randn(size, size, generator=generator, device=device).to(dtype)
-        with fp32_matmul(policy or "ieee"):
+        with fp32_matmul(policy):
             seconds, _ = time_calls(lambda: torch.mm(a, b), device, ctx.settings, warmup=2)
         ctx.gemm[name] = flops / min(seconds) / 1e9
-        ctx.report.add("gemm", "rows", {"dtype": name, "size": size, "seconds": seconds,
+        label = f"{name} (TF32 matmul)" if dtype == torch.float32 and policy == "tf32" and device.type == "cuda" else name
+        ctx.report.add("gemm", "rows", {"dtype": label, "size": size, "seconds": seconds,
                                         "gflops_median": flops / statistics.median(seconds) / 1e9,
                                         "gflops_best": ctx.gemm[name]})
         del a, b
-
-
-def peak_for(ctx: Context, dtype: torch.dtype) -> float | None:
-    if dtype == torch.bfloat16:
-        return ctx.gemm.get("bfloat16")
-    return ctx.gemm.get(f"float32 ({ctx.args.fp32_matmul})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -733,9 +733,50 @@ def make_pipeline(transformer, shape: str):
     return pipe
 
 
-def run_sampling(ctx: Context, deadline: float, shapes: tuple, primary: bool) -> None:
+def sampling_inputs(config, shape: str, batch: int, device: torch.device) -> SimpleNamespace:
+    """Noise and labels of one batch, drawn on the CPU (fixed seed), then moved to the device; both samplers get them."""
+    generator = torch.Generator().manual_seed(batch)
+    noise = torch.randn(batch, config.in_channels, config.sample_size, config.sample_size, generator=generator)
+    labels = torch.randint(0, config.num_classes, (batch,), generator=generator)
+    noise = noise.to(device)
+    return SimpleNamespace(batch=batch, noise=noise, latents=noise_scale(shape) * noise, labels=labels.to(device),
+                           label_list=labels.tolist())
+
+
+def official_sampler(official, inputs):
+    omega, (t_min, t_max) = SAMPLING_GUIDANCE
+    return lambda: official.generate(inputs.batch, FixedNoise(inputs.noise), 1, omega, t_min, t_max, labels=inputs.labels)
+
+
+def our_sampler(pipe, inputs, backend: str | None = None):
     from diffusers.models.attention_dispatch import attention_backend
 
+    omega, interval = SAMPLING_GUIDANCE
+
+    def run():
+        with attention_backend(backend) if backend else contextlib.nullcontext():
+            return pipe(inputs.label_list, num_inference_steps=1, guidance_scale=omega, guidance_interval=interval,
+                        latents=inputs.latents, output_type="latent").images
+
+    return run
+
+
+def check_parity_at_scale(ctx: Context, official, pipe, shape: str) -> None:
+    """The released shape with random weights: PMFPipeline against the official generate, fp32 with TF32 off."""
+    inputs = sampling_inputs(pipe.transformer.config, shape, min(16, max(ctx.settings.batch_sizes)), ctx.device)
+    with fp32_matmul("ieee"), torch.inference_mode():
+        status, outputs = guarded(lambda: (official_sampler(official, inputs)(), our_sampler(pipe, inputs)()), ctx.device)
+    row = {"check": f"{shape} one-step sample, batch {inputs.batch}, random weights: PMFPipeline vs official generate",
+           "tolerance": FORWARD_TOLERANCE, "status": status}
+    if status == "ok":
+        row["max_rel_err"] = max_rel_err(outputs[1], outputs[0])
+        row["passed"] = row["max_rel_err"] <= FORWARD_TOLERANCE
+    ctx.report.add("parity", "at_scale", row)
+
+
+def run_sampling(ctx: Context, deadline: float, shapes: tuple, primary: bool) -> None:
+    """Per shape and batch: the official sampler (the reference output), then PMFPipeline fp32 and bf16; at the first
+    shape also every attention backend and torch.compile."""
     section = ctx.report.section("sampling")
     section.setdefault("settings", {
         "guidance": SAMPLING_GUIDANCE, "steps": 1, "fp32_matmul": ctx.args.fp32_matmul,
@@ -744,7 +785,6 @@ def run_sampling(ctx: Context, deadline: float, shapes: tuple, primary: bool) ->
         "official": ctx.official.path if ctx.official else "not compared: no --official-path",
         "attention_backends": ctx.attention_backends, "attention_backends_skipped": ctx.attention_skipped,
     })
-    omega, interval = SAMPLING_GUIDANCE
     for shape in shapes:
         if Clock.left(deadline) <= 0:
             ctx.report.add("sampling", "skipped", {"shape": shape, "reason": "time limit"})
@@ -758,81 +798,76 @@ def run_sampling(ctx: Context, deadline: float, shapes: tuple, primary: bool) ->
         status, bf16_model = guarded(lambda: copy.deepcopy(model).to(torch.bfloat16), ctx.device)
         if status == "ok":
             pipes[torch.bfloat16] = make_pipeline(bf16_model, shape)
-        compiled = {}
-        config = model.config
+        if primary and official is not None:
+            check_parity_at_scale(ctx, official, pipes[torch.float32], shape)
+        compiled, failed = {}, {}
         for batch in ctx.settings.batch_sizes:
-            generator = torch.Generator().manual_seed(batch)
-            noise = torch.randn(batch, config.in_channels, config.sample_size, config.sample_size, generator=generator)
-            noise = noise.to(ctx.device)
-            labels = torch.randint(0, config.num_classes, (batch,), generator=generator)
-            label_list, labels = labels.tolist(), labels.to(ctx.device)
-            latents = noise_scale(shape) * noise
-            flops = bench_inference().analytic_flops(config, batch)["total"]
-
-            variants = []  # (name, dtype, mode, attention, callable)
+            inputs = sampling_inputs(model.config, shape, batch, ctx.device)
+            variants = []  # (sampler, dtype, mode, attention, callable)
             if official is not None:
                 variants.append(("official generate", torch.float32, "eager", "einsum (official)",
-                                 lambda: official.generate(batch, FixedNoise(noise), 1, omega, interval[0], interval[1],
-                                                           labels=labels)))
-
-            def ours(pipe):
-                return lambda: pipe(label_list, num_inference_steps=1, guidance_scale=omega, guidance_interval=interval,
-                                    latents=latents, output_type="latent").images
-
-            for dtype, pipe in pipes.items():
-                variants.append(("PMFPipeline", dtype, "eager", "native", ours(pipe)))
-            if primary:
-                for backend in ctx.attention_backends[1:]:
-                    for dtype, pipe in pipes.items():
-                        def with_backend(run=ours(pipe), backend=backend):
-                            with attention_backend(backend):
-                                return run()
-                        variants.append(("PMFPipeline", dtype, "eager", backend, with_backend))
-                if batch in ctx.settings.compile_batch_sizes:
-                    for dtype, pipe in pipes.items():
-                        if dtype not in compiled:
-                            status, compiled[dtype] = guarded(lambda: compile_pipeline(ctx, pipe, shape), ctx.device)
-                            if status != "ok":
-                                ctx.report.add("sampling", "rows", {"shape": shape, "variant": "compile", "status": status})
-                        if compiled[dtype] is not None:
-                            variants.append(("PMFPipeline", dtype, "compile", "native", ours(compiled[dtype])))
-
-            reference, reference_name, official_seconds = None, None, None
-            for name, dtype, mode, attention, run in variants:
-                row = {"shape": shape, "batch": batch, "sampler": name, "dtype": str(dtype).removeprefix("torch."),
-                       "mode": mode, "attention": attention}
-                if Clock.left(deadline) <= 0:
-                    ctx.report.add("sampling", "rows", {**row, "status": "skipped: time limit"})
-                    continue
-                start = time.perf_counter()
-                with fp32_matmul(ctx.args.fp32_matmul), torch.inference_mode():
-                    status, result = guarded(lambda: time_calls(run, ctx.device, ctx.settings), ctx.device)
-                row["status"] = status
-                if status == "ok":
-                    seconds, output = result
-                    median = statistics.median(seconds)
-                    row.update(seconds=seconds, median_s=median, images_per_s=batch / median, gflops=flops / median / 1e9,
-                               first_call_s=time.perf_counter() - start - sum(seconds))
-                    peak = ctx.gemm.get("bfloat16")
-                    if peak:
-                        row["percent_of_bf16_gemm_peak"] = 100 * row["gflops"] / peak
-                    own_peak = peak_for(ctx, dtype)
-                    if own_peak and dtype != torch.bfloat16:
-                        row["percent_of_own_dtype_gemm_peak"] = 100 * row["gflops"] / own_peak
-                    if reference is None:
-                        reference, reference_name = output.float(), f"{name} {row['dtype']}"
-                        if name == "official generate":
-                            official_seconds = median
-                    else:
-                        row["max_rel_dev"] = max_rel_err(output.float(), reference)
-                        row["deviation_from"] = reference_name
-                    if official_seconds is not None and name != "official generate":
-                        row["speedup_vs_official"] = official_seconds / median
-                ctx.report.add("sampling", "rows", row)
-            del reference
+                                 official_sampler(official, inputs)))
+            backends = ctx.attention_backends if primary else ["native"]
+            for backend in backends:
+                for dtype, pipe in pipes.items():
+                    variants.append(("PMFPipeline", dtype, "eager", backend,
+                                     our_sampler(pipe, inputs, None if backend == "native" else backend)))
+            if primary and batch in ctx.settings.compile_batch_sizes:
+                for dtype, pipe in pipes.items():
+                    if dtype not in compiled:
+                        status, compiled[dtype] = guarded(lambda: compile_pipeline(ctx, pipe, shape), ctx.device)
+                        if status != "ok":
+                            ctx.report.add("sampling", "rows", {"shape": shape, "variant": "compile", "status": status})
+                    if compiled[dtype] is not None:
+                        variants.append(("PMFPipeline", dtype, "compile", "native", our_sampler(compiled[dtype], inputs)))
+            measure_sampling(ctx, deadline, shape, inputs, model.config, variants, failed)
+            del inputs
             free_memory(ctx.device)
         del official, model, pipes, compiled
-        free_memory(ctx.device)
+        free_memory(ctx.device, collect=True)
+
+
+def measure_sampling(ctx: Context, deadline: float, shape: str, inputs, config, variants: list, failed: dict) -> None:
+    """Time each variant; the first successful output is the reference of the others' deviation (the official one
+    when it ran). A variant that failed with an error at a smaller batch is not tried again."""
+    batch = inputs.batch
+    flops = bench_inference().analytic_flops(config, batch)["total"]
+    reference = reference_name = official_seconds = None
+    for name, dtype, mode, attention, run in variants:
+        row = {"shape": shape, "batch": batch, "sampler": name, "dtype": str(dtype).removeprefix("torch."),
+               "mode": mode, "attention": attention}
+        key = (name, row["dtype"], mode, attention)
+        if Clock.left(deadline) <= 0:
+            ctx.report.add("sampling", "rows", {**row, "status": "skipped: time limit"})
+            continue
+        if key in failed:
+            ctx.report.add("sampling", "rows", {**row, "status": f"skipped: failed at batch {failed[key]}"})
+            continue
+        start = time.perf_counter()
+        with fp32_matmul(ctx.args.fp32_matmul), torch.inference_mode():
+            status, result = guarded(lambda: time_calls(run, ctx.device, ctx.settings), ctx.device)
+        row["status"] = status
+        if status.startswith("error"):
+            failed[key] = batch
+        if status == "ok":
+            seconds, output = result
+            median = statistics.median(seconds)
+            row.update(seconds=seconds, median_s=median, images_per_s=batch / median, gflops=flops / median / 1e9,
+                       first_call_s=time.perf_counter() - start - sum(seconds))
+            if ctx.gemm.get("bfloat16"):
+                row["percent_of_bf16_gemm_peak"] = 100 * row["gflops"] / ctx.gemm["bfloat16"]
+            if ctx.gemm.get("float32") and dtype == torch.float32:
+                row["percent_of_fp32_gemm_peak"] = 100 * row["gflops"] / ctx.gemm["float32"]
+            if reference is None:
+                reference, reference_name = output.float(), f"{name} {row['dtype']}"
+                if name == "official generate":
+                    official_seconds = median
+            else:
+                row["max_rel_dev"] = max_rel_err(output.float(), reference)
+                row["deviation_from"] = reference_name
+            if official_seconds is not None and name != "official generate":
+                row["speedup_vs_official"] = official_seconds / median
+        ctx.report.add("sampling", "rows", row)
 
 
 def compile_pipeline(ctx: Context, pipe, shape: str):
@@ -952,7 +987,7 @@ def run_training(ctx: Context, deadline: float, shapes: tuple, equivalence: bool
                     ctx.report.add("training", "rows", measure_training(ctx, model, shape, batch, implementation,
                                                                          checkpointing, row))
         del model
-        free_memory(ctx.device)
+        free_memory(ctx.device, collect=True)
 
 
 def measure_training(ctx: Context, model, shape: str, batch: int, implementation: str, checkpointing: bool,
@@ -1057,7 +1092,7 @@ def run_largest_batch(ctx: Context, deadline: float) -> None:
         row = {"shape": shape, **largest_batch(ctx, model, implementation, checkpointing, deadline)}
         ctx.report.add("training", "largest_batch", row)
     del model
-    free_memory(ctx.device)
+    free_memory(ctx.device, collect=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1212,6 +1247,68 @@ def _fmt(value, spec: str = ".3g") -> str:
     return str(value)
 
 
+def _met(value: float | None, bar: float, higher_is_better: bool = True) -> str:
+    if value is None:
+        return "not measured"
+    return "yes" if (value >= bar if higher_is_better else value <= bar) else "**no**"
+
+
+def target_summary(data: dict) -> list[tuple[str, str, str]]:
+    """The targets of issue 14 (one H200), read off the measured rows of the first shape."""
+    sections, settings = data.get("sections", {}), data.get("settings", {})
+    rows = []
+    sampling = sections.get("sampling", {}).get("rows", [])
+    shapes, batches = settings.get("shapes") or [None], settings.get("batch_sizes") or [None]
+    shape, batch = shapes[0], 64 if 64 in batches else max(b for b in batches if b is not None)
+
+    def sample_row(sampler, dtype, mode):
+        return next((r for r in sampling if r.get("shape") == shape and r.get("batch") == batch and r.get("status") == "ok"
+                     and r.get("sampler") == sampler and r.get("dtype") == dtype and r.get("mode") == mode
+                     and r.get("attention") in ("native", "einsum (official)")), None)
+
+    official = sample_row("official generate", "float32", "eager")
+    for mode, bar in (("eager", 3.0), ("compile", 4.0)):
+        ours = sample_row("PMFPipeline", "bfloat16", mode)
+        ratio = ours["images_per_s"] / official["images_per_s"] if ours and official else None
+        measured = f"{ratio:.2f}× ({ours['images_per_s']:.0f} vs {official['images_per_s']:.0f} img/s)" if ratio else "–"
+        rows.append((f"sampling {shape} batch {batch}: bf16 {mode} ≥ {bar:g}× the official fp32 generate", measured,
+                     _met(ratio, bar)))
+    parity = sections.get("parity", {})
+    fp32_rows = [r for r in parity.get("rows", []) if not r["check"].startswith("JAX")] + [
+        r for r in parity.get("at_scale", []) if r.get("status") == "ok"]
+    worst = max((r["max_rel_err"] for r in fp32_rows), default=None)
+    rows.append((f"sampling parity on {data.get('device_info', {}).get('device')} fp32 ≤ 1e-5 relative",
+                 f"{worst:.1e} (worst of {len(fp32_rows)})" if worst is not None else "–", _met(worst, 1e-5, False)))
+
+    training = sections.get("training", {})
+    train_shapes = settings.get("train_shapes") or [None]
+    train_batches = settings.get("train_batch_sizes") or [None]
+    train_batch = 64 if 64 in train_batches else train_batches[len(train_batches) // 2]
+
+    def step_row(implementation):
+        return next((r for r in training.get("rows", []) if r.get("shape") == train_shapes[0] and r.get("status") == "ok"
+                     and r.get("batch") == train_batch and r.get("implementation") == implementation
+                     and not r.get("gradient_checkpointing")), None)
+
+    ours, literal = step_row("pmf_loss"), step_row("literal")
+    ratio = literal["median_step_s"] / ours["median_step_s"] if ours and literal else None
+    rows.append((f"training {train_shapes[0]} batch {train_batch}: step ≥ 2× the literal port",
+                 f"{ratio:.2f}× ({ours['median_step_s']:.3f} vs {literal['median_step_s']:.3f} s)" if ratio else "–",
+                 _met(ratio, 2.0)))
+    equivalence = next((r for r in training.get("equivalence", []) if r.get("passed") is not None), None)
+    if equivalence:
+        worst = max(equivalence["loss_rel_err"], equivalence["max_grad_rel_err"])
+        rows.append(("training: same loss and gradients as the literal port (≤ 1e-4, fp32)", f"{worst:.1e}",
+                     _met(worst, EQUIVALENCE_TOLERANCE, False)))
+    largest = {(r.get("implementation"), r.get("gradient_checkpointing")): r.get("largest_fitting")
+               for r in training.get("largest_batch", [])}
+    ours_max, literal_max = largest.get(("pmf_loss", False)), largest.get(("literal", False))
+    ratio = ours_max / literal_max if ours_max and literal_max else None
+    rows.append((f"training {train_shapes[0]}: largest batch that fits ≥ 2× the literal port's",
+                 f"{ours_max} vs {literal_max}" if ours_max or literal_max else "–", _met(ratio, 2.0)))
+    return rows
+
+
 def render_markdown(data: dict) -> str:
     info = data.get("device_info", {})
     lines = [f"# pMF GPU check ({data.get('status')})", "",
@@ -1219,6 +1316,11 @@ def render_markdown(data: dict) -> str:
              f"{info.get('cuda')}) · diffusers {info.get('diffusers')} · mode {data.get('mode')}", "",
              f"`{data.get('command')}`", ""]
     sections = data.get("sections", {})
+    targets = target_summary(data)
+    if targets:
+        lines += ["## The issue's targets", "", "| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {target} | {measured} | {met} |" for target, measured, met in targets]
+        lines.append("")
 
     parity = sections.get("parity")
     if parity:
@@ -1227,6 +1329,12 @@ def render_markdown(data: dict) -> str:
                   "| check | max rel err | tolerance | passed |", "|---|---|---|---|"]
         lines += [f"| {r['check']} | {r['max_rel_err']:.2e} | {r['tolerance']:.0e} | {'yes' if r['passed'] else '**NO**'} |"
                   for r in parity.get("rows", [])]
+        for r in parity.get("at_scale", []):
+            if r["status"] == "ok":
+                lines.append(f"| {r['check']} | {r['max_rel_err']:.2e} | {r['tolerance']:.0e} | "
+                             f"{'yes' if r['passed'] else '**NO**'} |")
+            else:
+                lines.append(f"| {r['check']} | {r['status'][:90]} | {r['tolerance']:.0e} | – |")
         if parity.get("bf16"):
             lines += ["", "bf16 deviation (reported, not judged):", "", "| check | max rel dev |", "|---|---|"]
             lines += [f"| {r['check']} | {r['max_rel_err']:.2e} |" for r in parity["bf16"]]
@@ -1246,17 +1354,19 @@ def render_markdown(data: dict) -> str:
                   f"`{settings.get('compile')}`. Attention backends skipped: "
                   f"{', '.join(settings.get('attention_backends_skipped') or {}) or 'none'}.", "",
                   "| shape | batch | sampler | dtype | mode | attention | img/s | GFLOP/s | % bf16 GEMM peak | "
-                  "vs official | max rel dev (vs) | first call s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "% fp32 GEMM peak | vs official | max rel dev (vs) | first call s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sampling.get("rows", []):
             if r.get("status") != "ok":
                 lines.append(f"| {r['shape']} | {r.get('batch', '–')} | {r.get('sampler', r.get('variant'))} | "
                              f"{r.get('dtype', '–')} | {r.get('mode', '–')} | {r.get('attention', '–')} | "
-                             f"{r['status'] if r['status'] == 'OOM' else r['status'][:80]} | | | | | |")
+                             f"{r['status'] if r['status'] == 'OOM' else r['status'][:80]} | | | | | | |")
                 continue
             dev = f"{r['max_rel_dev']:.1e} ({r['deviation_from']})" if "max_rel_dev" in r else "reference"
             lines.append(
                 f"| {r['shape']} | {r['batch']} | {r['sampler']} | {r['dtype']} | {r['mode']} | {r['attention']} | "
                 f"{r['images_per_s']:.1f} | {r['gflops']:.0f} | {_fmt(r.get('percent_of_bf16_gemm_peak'), '.0f')} | "
+                f"{_fmt(r.get('percent_of_fp32_gemm_peak'), '.0f')} | "
                 f"{_fmt(r.get('speedup_vs_official'), '.2f')}{'×' if 'speedup_vs_official' in r else ''} | {dev} | "
                 f"{r['first_call_s']:.1f} |")
         lines += [f"- {r['shape']}: skipped ({r['reason']})" for r in sampling.get("skipped", [])]
@@ -1335,8 +1445,14 @@ def main(argv: list[str] | None = None) -> dict:
     backends, skipped = resolve_attention_backends(args.attention_backends, device)
 
     import diffusers
+    from diffusers.models.attention_dispatch import attention_backend  # noqa: F401  (the heavy imports, done once)
 
-    diffusers.utils.logging.set_verbosity_error()  # per-call notes of the dispatcher and of `.to(dtype)`
+    import pmf_diffusers.training  # noqa: F401
+
+    diffusers.utils.logging.set_verbosity_error()
+    # Everything imported so far lives for the whole run: keep it out of the cycle collector's scans, so the
+    # collections after an OOM cost milliseconds rather than a second.
+    gc.freeze()  # per-call notes of the dispatcher and of `.to(dtype)`
     table = args.table or args.output.with_suffix(".md")
     header = {"schema": 1, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "command": " ".join(["python", "benchmarks/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -1345,6 +1461,10 @@ def main(argv: list[str] | None = None) -> dict:
     report = Report(args.output, table, header)
     ctx = Context(args, settings, device, report, Clock(settings), official, backends, skipped, {})
     report.save()
+    threads = torch.get_num_threads()
+    if args.quick and device.type == "cpu":
+        # Tiny shapes on a shared small CPU: several OpenMP threads mostly spin-wait (the tests run them on one).
+        torch.set_num_threads(1)
 
     runners = {
         "parity": lambda deadline: run_parity(ctx, deadline),
@@ -1375,6 +1495,8 @@ def main(argv: list[str] | None = None) -> dict:
         report.data["status"] = "interrupted"
         raise
     finally:
+        torch.set_num_threads(threads)
+        gc.unfreeze()
         report.data["total_seconds"] = time.perf_counter() - ctx.clock.start
         report.save()
     print(render_markdown(report.data))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import logging
 import math
@@ -35,7 +36,6 @@ from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, is_wandb_available, set_seed
 from diffusers.optimization import get_scheduler
 from PIL import Image
-from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from pmf_diffusers import PMFTransformer2DModel
@@ -52,9 +52,11 @@ from pmf_diffusers.training.checkpointing import (
 from pmf_diffusers.training.data import (
     DatasetError, EpochShuffleSampler, ImageCollator, load_training_dataset, preprocess_image,
 )
+from pmf_diffusers.training.distributed import (
+    check_distributed_setup, gather_state_dict, unwrap_model, weights_are_finite,
+)
 from pmf_diffusers.training.export import (
-    ema_weights, gather_state_dict, lora_adapter_card, save_lora_adapter, save_pipeline, save_sample_grid,
-    training_card_info, unwrap_model,
+    ema_weights, lora_adapter_card, save_lora_adapter, save_pipeline, save_sample_grid, training_card_info,
 )
 from pmf_diffusers.training.finetune import (
     RemappedCollator, add_fine_tuning_adapters, dataset_class_index, dataset_id2label, load_for_fine_tuning,
@@ -103,53 +105,56 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; training stopped without writing a new checkpoint."""
 
 
+@contextlib.contextmanager
+def setup_errors(prefix: str = ""):
+    """Report the library's `ValueError`s (and `OSError`s) of a setup step as one `TrainingSetupError` line."""
+    try:
+        yield
+    except (ValueError, OSError) as err:
+        raise TrainingSetupError(f"{prefix}{err}") from None
+
+
 EPILOG = r"""
 presets (model shape + training recipe + sampling defaults; every value can be overridden by its flag):
 {presets}
 
-examples:
+examples (more in docs/training.md and docs/lora.md):
   # 0. a toy dataset (10 classes of coloured shapes, 32x32) and a CPU run (1500 steps, ~20 min on 2 idle cores;
-  #    --max_train_minutes caps the time; on a machine shared with other jobs OMP_NUM_THREADS=1 is much faster)
-  python -m pmf_diffusers.training.toy_data data/toy --images-per-class 200
+  #    on a machine shared with other jobs OMP_NUM_THREADS=1 is much faster)
+  pmf toy-data data/toy --images-per-class 200
   accelerate launch --cpu --num_processes 1 examples/train_pmf.py --preset toy-cpu \
       --train_data_dir data/toy --output_dir runs/toy-cpu --max_train_minutes 25
 
   # 1. ImageNet-1k 256px, pMF-B/16, 8 GPUs, official recipe (global batch 1024 = 8 x 128, lr 1e-3, 320 epochs;
-  #    LPIPS/ConvNeXt weights: see --vgg_path / --convnext_path). --allow_upscale: ImageNet holds a few images
-  #    smaller than 256px, which the official pipeline upscales. Or stream it: --dataset_name ILSVRC/imagenet-1k
-  #    --streaming --max_train_steps 400000 (gated: accept the terms, then `hf auth login`).
+  #    LPIPS/ConvNeXt weights: see --vgg_path / --convnext_path; the official pipeline upscales the few images
+  #    smaller than 256px). Or stream it: --dataset_name ILSVRC/imagenet-1k --streaming --max_train_steps 400000
   accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 examples/train_pmf.py \
       --preset pMF-B/16 --train_data_dir /data/imagenet/train --allow_upscale \
       --dataloader_num_workers 8 --output_dir runs/pmf-b16 --checkpointing_steps 5000 --validation_steps 5000
 
-  # 2. resume after an interruption (same command + --resume_from_checkpoint; `latest` picks the newest complete one)
+  # 2. resume after an interruption (same command; `latest` picks the newest complete checkpoint)
   accelerate launch ... examples/train_pmf.py <same arguments> --resume_from_checkpoint latest
 
-  # 3. fine-tune the released weights on your own data (the released files have no v-head: --v_head_init copy
-  #    adds one as a copy of the u-head); `pmf convert pMF-B/16 DIR` writes them as a PMFPipeline folder first
-  accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 examples/train_pmf.py \
-      --pretrained_model pMF-B/16 --train_data_dir /data/my_imagenet_subset --allow_upscale \
-      --learning_rate 1e-4 --max_train_steps 20000 --output_dir runs/pmf-b16-ft
+  # 3. fine-tune the released weights (a v-head is added as a copy of the u-head: --v_head_init copy)
+  accelerate launch ... examples/train_pmf.py --pretrained_model pMF-B/16 --train_data_dir /data/my_subset \
+      --allow_upscale --learning_rate 1e-4 --max_train_steps 20000 --output_dir runs/pmf-b16-ft
 
-  # 4. two CPU processes (DDP over gloo): ACCELERATE_USE_CPU=1 makes the launcher pick the CPU/gloo backend. FSDP2:
-  #    `accelerate launch --use_fsdp --fsdp_version 2 ...` (docs/training.md, "Multi-GPU: DDP and FSDP").
+  # 4. two CPU processes (DDP over gloo; ACCELERATE_USE_CPU=1 picks the CPU backend). FSDP2: `accelerate launch
+  #    --use_fsdp --fsdp_version 2 ...` (docs/training.md, "Multi-GPU: DDP and FSDP")
   ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
-      --mixed_precision no --dynamo_backend no examples/train_pmf.py --preset toy-cpu --train_data_dir data/toy \
-      --output_dir runs/ddp --max_train_steps 20
+      --mixed_precision no examples/train_pmf.py --preset toy-cpu --train_data_dir data/toy --output_dir runs/ddp
 
-  # 5. LoRA on your own classes (docs/lora.md): one folder per name of labels.txt; the base stays frozen and the
-  #    export is the adapter runs/my-shapes/lora (PMFPipeline.from_pretrained(base).load_lora_weights(...))
+  # 5. LoRA on your own classes: one folder per name of labels.txt; the export is the adapter runs/my-shapes/lora
   accelerate launch examples/train_pmf.py --pretrained_model checkpoints/pMF-B-16 --train_data_dir my_images \
       --lora_rank 16 --new_label_set labels.txt --learning_rate 1e-4 --max_train_steps 2000 --output_dir runs/my-shapes
 
-batch size: --train_batch_size is per device (diffusers convention); --global_batch_size is the official notion
-(images per optimizer step over all processes and accumulation steps) and must be divisible by
-num_processes x gradient_accumulation_steps. With neither, the preset's global batch is used.
+batch size: --train_batch_size is per device (diffusers convention); --global_batch_size counts all processes and
+accumulation steps (the official notion) and must be divisible by num_processes x gradient_accumulation_steps.
+With neither, the preset's global batch is used.
 
-outputs (in --output_dir): training_args.json (arguments, exact command, resolved recipe), logs/ (tensorboard,
-metrics.jsonl, wandb/), samples/step_XXXXXXX.png (one-step EMA samples, fixed seeds and classes), checkpoint-STEP/
-(accelerate state + pmf_checkpoint.json, renamed from .tmp-checkpoint-STEP when complete), pipeline/ (the EMA model
-as a PMFPipeline folder); with --lora_rank instead lora/ (the EMA adapter, README.md model card and samples.png).
+outputs (in --output_dir): training_args.json, logs/ (tensorboard, metrics.jsonl, wandb/), samples/step_*.png,
+checkpoint-STEP/ (accelerate state + pmf_checkpoint.json), pipeline/ (the EMA model as a PMFPipeline folder) or, with
+--lora_rank, lora/ (the EMA adapter with its README.md card and samples.png).
 """
 
 
@@ -335,7 +340,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(input_args)
     args.command_line = _command_line(input_args)
     _check_args(parser, args)
-    _check_lora_args(parser, args)
     return args
 
 
@@ -363,9 +367,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         check_guidance_settings(args.guidance_scale, args.guidance_interval)
     except ValueError as err:
         parser.error(f"--guidance_scale / --guidance_interval: {err}")
-
-
-def _check_lora_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.lora_rank is not None:
         if args.lora_rank <= 0:
             parser.error(f"--lora_rank must be a positive integer (e.g. 16), got {args.lora_rank}; omit it for full "
@@ -399,10 +400,8 @@ def build_loss_config(preset: TrainingPreset, args: argparse.Namespace, noise_sc
         overrides["noise_scale"] = noise_scale
     if args.no_perceptual:
         overrides.update(lpips_lambda=0.0, convnext_lambda=0.0)
-    try:
+    with setup_errors("Invalid recipe: "):
         return PMFLossConfig(**{**preset.loss.to_dict(), **overrides})
-    except ValueError as err:
-        raise TrainingSetupError(f"Invalid recipe: {err}") from None
 
 
 def load_pretrained(source: str, v_head_init: str) -> tuple[PMFTransformer2DModel, dict]:
@@ -413,34 +412,11 @@ def load_pretrained(source: str, v_head_init: str) -> tuple[PMFTransformer2DMode
         raise TrainingSetupError(f"Cannot load --pretrained_model {source} as a PMFPipeline: {err}") from None
 
 
-def read_new_label_set(path: str) -> dict[int, str]:
-    try:
-        return read_label_set(path)
-    except (ValueError, OSError) as err:
-        raise TrainingSetupError(f"--new_label_set: {err}") from None
-
-
-def setup_lora(model: PMFTransformer2DModel, args: argparse.Namespace, label_set: dict[int, str] | None) -> dict | None:
-    """The new class table (`--new_label_set`) and the LoRA adapter (`--lora_rank`), before the optimizer and
-    `accelerator.prepare`. Returns the LoRA settings recorded in training_args.json and the checkpoints."""
-    try:
-        return add_fine_tuning_adapters(
-            model, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_target=args.lora_target,
-            train_class_embeddings=args.train_class_embeddings, seed=args.seed,
-            new_num_classes=len(label_set) if label_set is not None else None,
-        )
-    except ValueError as err:
-        raise TrainingSetupError(f"--lora_target / --lora_rank: {err}") from None
-
-
 def dataset_label_index(args, data, label_set: dict | None, pretrained_id2label: dict | None) -> list[int] | None:
     """Model class id of each dataset class (None: the identity); LoRA on the base classes matches them by name."""
-    try:
+    with setup_errors(f"--new_label_set {args.new_label_set}: the dataset's class names must be names of the label "
+                      "set. "):
         return dataset_class_index(data.class_names, label_set, pretrained_id2label if args.lora_rank else None)
-    except ValueError as err:
-        raise TrainingSetupError(
-            f"--new_label_set {args.new_label_set}: the dataset's class names must be names of the label set. {err}"
-        ) from None
 
 
 def _hub_id(text: str | None) -> str | None:
@@ -450,11 +426,9 @@ def _hub_id(text: str | None) -> str | None:
 
 def resolve_batch_sizes(args: argparse.Namespace, preset: TrainingPreset, num_processes: int) -> tuple[int, int]:
     """(per-device micro-batch, global batch per optimizer step)."""
-    try:
+    with setup_errors():
         return recipe.resolve_batch_sizes(preset, num_processes, args.gradient_accumulation_steps,
                                           args.global_batch_size, args.train_batch_size)
-    except ValueError as err:
-        raise TrainingSetupError(str(err)) from None
 
 
 def resolve_validation_classes(args, num_classes: int, label_index: list[int] | None) -> list[int]:
@@ -509,8 +483,6 @@ class TrainingRun:
     updates_per_epoch: int | None = None
     ema: MultiEMA | None = None
     ema_params: list[torch.nn.Parameter] = field(default_factory=list)  # what the EMA tracks (LoRA: the trained)
-    half_lives: list[float] = field(default_factory=list)
-    export_hl: float | None = None
     ema_key: str | None = None
     objective_rng: ObjectiveRNG | None = None
     # progress
@@ -521,10 +493,6 @@ class TrainingRun:
     validation_classes: list[int] = field(default_factory=list)
 
     @property
-    def sharded(self) -> bool:
-        return self.accelerator.distributed_type == DistributedType.FSDP
-
-    @property
     def ema_keys(self) -> list[str]:
         return list(self.ema.keys()) if self.ema is not None else []
 
@@ -532,32 +500,8 @@ class TrainingRun:
 def configure_logging(accelerator: Accelerator) -> None:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
-    if accelerator.is_local_main_process:
-        datasets.utils.logging.set_verbosity_warning()
-        diffusers.utils.logging.set_verbosity_warning()
-    else:
-        datasets.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.set_verbosity_error()
-
-
-def check_distributed_setup(args: argparse.Namespace, accelerator: Accelerator) -> None:
-    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
-        raise TrainingSetupError(
-            f"{accelerator.distributed_type} is not supported: the Muon optimizer, the EMA and pmf_loss's no-grad JVP "
-            "pass work with plain or FSDP2-sharded (DTensor) weights. Use DDP (`accelerate launch --multi_gpu`) or "
-            "FSDP2 (`accelerate launch --use_fsdp --fsdp_version 2`, docs/training.md)."
-        )
-    if accelerator.distributed_type != DistributedType.FSDP:
-        return
-    if not accelerator.is_fsdp2:
-        raise TrainingSetupError("FSDP1 is not supported: launch with --fsdp_version 2 (or fsdp_version: 2 in the "
-                                 "accelerate config).")
-    if accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:
-        raise TrainingSetupError("FSDP cpu_ram_efficient_loading (on by default in `accelerate launch`) only works for "
-                                 "🤗 Transformers models: pass --fsdp_cpu_ram_efficient_loading false.")
-    if args.lora_rank is not None:
-        raise TrainingSetupError("--lora_rank is not supported with FSDP (the adapter is small): use DDP "
-                                 "(`accelerate launch --multi_gpu`).")
+    for library_logging in (datasets.utils.logging, diffusers.utils.logging):  # warnings once, errors everywhere
+        library_logging.set_verbosity(logging.WARNING if accelerator.is_local_main_process else logging.ERROR)
 
 
 def load_model_to_fine_tune(args, preset: TrainingPreset | None, label_set):
@@ -572,7 +516,13 @@ def load_model_to_fine_tune(args, preset: TrainingPreset | None, label_set):
             )
         preset = get_training_preset(official.name)
         logger.info(f"Using the {official.name} recipe for the pretrained model.")
-    return model, info, preset, setup_lora(model, args, label_set)
+    with setup_errors("--lora_target / --lora_rank: "):  # new class table + LoRA, before the optimizer and `prepare`
+        lora_config = add_fine_tuning_adapters(
+            model, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_target=args.lora_target,
+            train_class_embeddings=args.train_class_embeddings, seed=args.seed,
+            new_num_classes=len(label_set) if label_set is not None else None,
+        )
+    return model, info, preset, lora_config
 
 
 def load_perceptual_networks(args, loss_config: PMFLossConfig, accelerator: Accelerator):
@@ -613,10 +563,8 @@ def setup_run(args, accelerator: Accelerator, preset: TrainingPreset | None, out
     label_index = None
     if pretrained_info is None:
         shape = {"sample_size" if flag == "resolution" else flag: getattr(args, flag) for flag in SHAPE_FLAGS}
-        try:
+        with setup_errors("Model shape: "):
             model = PMFTransformer2DModel(**recipe.resolve_model_config(preset, data.num_classes, **shape))
-        except ValueError as err:
-            raise TrainingSetupError(f"Model shape: {err}") from None
     else:
         label_index = dataset_label_index(args, data, label_set, pretrained_info["id2label"])
     num_classes = model.config.num_classes
@@ -686,16 +634,14 @@ def prepare_training(run: TrainingRun) -> None:
     adam_beta2 = args.adam_beta2 if args.adam_beta2 is not None else preset.adam_beta2
     optimizer = Muon(muon_param_groups(model, lr=learning_rate), lr=learning_rate, momentum=args.muon_momentum,
                      adam_betas=(args.adam_beta1, adam_beta2), weight_decay=args.weight_decay)
-    run.half_lives = list(args.ema_half_lives_kimg if args.ema_half_lives_kimg is not None else preset.ema_half_lives_kimg)
-    try:
+    half_lives = list(args.ema_half_lives_kimg if args.ema_half_lives_kimg is not None else preset.ema_half_lives_kimg)
+    with setup_errors():
         run.max_train_steps = recipe.resolve_max_train_steps(
             preset, max_train_steps=args.max_train_steps, num_train_epochs=args.num_train_epochs,
             num_examples=None if run.data.streaming else run.data.num_examples, per_device_batch=run.per_device_batch,
             num_processes=world, gradient_accumulation_steps=args.gradient_accumulation_steps,
         )
-        run.export_hl = recipe.resolve_export_ema(preset, run.half_lives, args.export_ema)
-    except ValueError as err:
-        raise TrainingSetupError(str(err)) from None
+        export_hl = recipe.resolve_export_ema(preset, half_lives, args.export_ema)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * world,
                                  num_training_steps=run.max_train_steps * world)
     if run.train_dataloader is not None:
@@ -714,15 +660,16 @@ def prepare_training(run: TrainingRun) -> None:
         run.ema_params = [param for param in run.unwrapped.parameters() if param.requires_grad]
     else:
         run.ema_params = list(run.unwrapped.parameters())
-    if run.half_lives:
+    if half_lives:
         ref_batch = args.ema_ref_batch if args.ema_ref_batch is not None else preset.ema_ref_batch
-        run.ema = MultiEMA(run.ema_params, half_lives_kimg=run.half_lives, ref_batch=ref_batch)
-    run.ema_key = MultiEMA.key_for(run.export_hl) if run.export_hl is not None else None
+        run.ema = MultiEMA(run.ema_params, half_lives_kimg=half_lives, ref_batch=ref_batch)
+    run.ema_key = MultiEMA.key_for(export_hl) if export_hl is not None else None
     run.objective_rng = ObjectiveRNG(args.seed, accelerator.device)
     accelerator.register_for_checkpointing(run.objective_rng)
     if run.ema is not None:
         accelerator.register_for_checkpointing(run.ema)
-    run.resolved.update(learning_rate=learning_rate, adam_beta2=adam_beta2)
+    run.resolved.update(learning_rate=learning_rate, adam_beta2=adam_beta2, ema_half_lives_kimg=half_lives,
+                        export_ema_kimg=export_hl)
 
 
 def resume(run: TrainingRun, resume_path: Path | None) -> None:
@@ -764,9 +711,7 @@ def record_run(run: TrainingRun) -> None:
         "mixed_precision": accelerator.mixed_precision,
         "distributed_type": str(accelerator.distributed_type),
         "max_train_steps": run.max_train_steps,
-        **run.resolved,  # learning_rate, adam_beta2
-        "ema_half_lives_kimg": run.half_lives,
-        "export_ema_kimg": run.export_hl,
+        **run.resolved,  # learning rate, Adam b2, EMA half-lives, exported EMA
         "loss_config": loss_config.to_dict(),
         "transformer_config": run.model_config,
         "num_parameters": num_parameters,
@@ -793,8 +738,7 @@ def record_run(run: TrainingRun) -> None:
 
     logger.info("***** Running training *****")
     logger.info(f"  Preset = {run.preset.name}; parameters = {num_parameters / 1e6:.2f}M; recipe = {loss_config}")
-    num_examples = run.data.num_examples if run.data.num_examples is not None else "streaming"
-    logger.info(f"  Examples = {num_examples}; classes = {run.model_config['num_classes']}")
+    logger.info(f"  Examples = {run.data.num_examples or 'streaming'}; classes = {run.model_config['num_classes']}")
     logger.info(f"  Batch: {run.per_device_batch} per device × {accelerator.num_processes} process(es) × "
                 f"{args.gradient_accumulation_steps} accumulation = {run.global_batch} per step; steps = "
                 f"{run.max_train_steps}; start step = {run.global_step}")
@@ -812,36 +756,30 @@ def record_run(run: TrainingRun) -> None:
 # ---------------------------------------------------------------------------------------- validation, checkpoints
 
 
-def log_validation(run: TrainingRun, transformer: PMFTransformer2DModel, step: int) -> Path:
-    """One-step samples of `transformer` (holding the weights to show), saved to samples/step_XXXXXXX.png and sent
-    to the trackers. Main process only."""
-    path = save_sample_grid(
-        run.accelerator, transformer, run.output_dir / "samples" / f"step_{step:07d}.png",
-        classes=run.validation_classes, images_per_class=run.args.validation_images_per_class, seed=run.args.seed,
-        noise_scale=run.loss_config.noise_scale, guidance_scale=run.guidance_scale,
-        guidance_interval=run.guidance_interval,
-    )
-    # Trackers get the saved grid (rows = classes), not loose images that they would re-tile their own way.
-    grid = np.asarray(Image.open(path).convert("RGB"))
-    for tracker in run.accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.log_images({"samples": grid[None]}, step, dataformats="NHWC")
-        elif tracker.name == "wandb":
-            tracker.log_images({"samples": [grid]}, step)
-    return path
-
-
 def run_validation(run: TrainingRun, step: int) -> Path | None:
-    """The validation grid with the exported EMA (collective: under FSDP the weights are gathered first)."""
-    accelerator, path = run.accelerator, None
-    if run.sharded:  # sample with a gathered copy on the main process (an FSDP forward would need every process)
+    """One-step samples with the exported EMA, saved to samples/step_XXXXXXX.png and sent to the trackers.
+    Collective: under FSDP the weights are gathered and the main process samples with a full copy."""
+    accelerator, path, sampler = run.accelerator, None, run.unwrapped
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if sharded:  # an FSDP forward would need every process
         state_dict = gather_state_dict(accelerator, run.model, run.ema, run.ema_key)
         if accelerator.is_main_process:
             sampler = build_pipeline(run.model_config, state_dict).transformer.to(accelerator.device)
-            path = log_validation(run, sampler, step)
-    elif accelerator.is_main_process:
-        with ema_weights(run.ema, run.ema_params, run.ema_key):
-            path = log_validation(run, run.unwrapped, step)
+    if accelerator.is_main_process:
+        with ema_weights(None if sharded else run.ema, run.ema_params, run.ema_key):
+            path = save_sample_grid(
+                accelerator, sampler, run.output_dir / "samples" / f"step_{step:07d}.png",
+                classes=run.validation_classes, images_per_class=run.args.validation_images_per_class,
+                seed=run.args.seed, noise_scale=run.loss_config.noise_scale, guidance_scale=run.guidance_scale,
+                guidance_interval=run.guidance_interval,
+            )
+        # Trackers get the saved grid (rows = classes), not loose images that they would re-tile their own way.
+        grid = np.asarray(Image.open(path).convert("RGB"))
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"samples": grid[None]}, step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({"samples": [grid]}, step)
     accelerator.wait_for_everyone()
     return path
 
@@ -871,9 +809,7 @@ def export(run: TrainingRun, folder: Path, card=None, samples: Path | None = Non
 def save_training_checkpoint(run: TrainingRun, step: int) -> Path:
     accelerator, args = run.accelerator, run.args
     # Refuse to save diverged weights (e.g. an inf gradient that left a finite loss).
-    local = [p.to_local() if isinstance(p, DTensor) else p for p in run.unwrapped.parameters()]  # FSDP: own shard
-    finite = torch.tensor(float(all(torch.isfinite(p).all() for p in local)), device=accelerator.device)
-    if accelerator.reduce(finite, "sum").item() < accelerator.num_processes:
+    if not weights_are_finite(accelerator, run.unwrapped.parameters()):
         raise NonFiniteLossError(
             f"Non-finite weights after step {step}: not saving a checkpoint. Last good checkpoint: "
             f"{run.last_checkpoint or 'none'}."
@@ -1024,21 +960,6 @@ def train_loop(run: TrainingRun) -> LoopStats:
     return stats
 
 
-def adapter_card(run: TrainingRun, card_info: dict, samples: Path | None):
-    """The model card saved (and pushed) with a LoRA adapter."""
-    args, config = run.args, run.model_config
-    return lora_adapter_card(
-        card_info, repo_id=args.hub_model_id or str(run.output_dir / "lora"),
-        title=(args.hub_model_id or "").split("/")[-1] or f"pMF LoRA adapter ({run.output_dir.name})",
-        base=args.pretrained_model, lora_config=run.lora_config, num_parameters=run.resolved["num_parameters"],
-        num_trainable_parameters=run.resolved["num_trainable_parameters"], num_classes=config["num_classes"],
-        resolution=config["sample_size"], patch_size=config["patch_size"], id2label=run.id2label,
-        guidance_scale=run.guidance_scale, guidance_interval=run.guidance_interval,
-        noise_scale=run.loss_config.noise_scale, sample_classes=run.validation_classes if samples else None,
-        sample_seed=args.seed, images_per_class=args.validation_images_per_class,
-    )
-
-
 def finish(run: TrainingRun, stats: LoopStats) -> dict:
     """Export (pipeline or LoRA adapter with its card), report unreadable images, push to the Hub."""
     args, accelerator, step = run.args, run.accelerator, run.global_step
@@ -1050,8 +971,19 @@ def finish(run: TrainingRun, stats: LoopStats) -> dict:
     if run.lora_config is None:
         exported = export(run, run.output_dir)
     else:
-        card = adapter_card(run, card_info, stats.last_validation_grid) if accelerator.is_main_process else None
-        exported = export(run, run.output_dir, card=card, samples=stats.last_validation_grid)
+        card, samples, config = None, stats.last_validation_grid, run.model_config
+        if accelerator.is_main_process:
+            card = lora_adapter_card(
+                card_info, repo_id=args.hub_model_id or str(run.output_dir / "lora"),
+                title=(args.hub_model_id or "").split("/")[-1] or f"pMF LoRA adapter ({run.output_dir.name})",
+                base=args.pretrained_model, lora_config=run.lora_config, num_parameters=run.resolved["num_parameters"],
+                num_trainable_parameters=run.resolved["num_trainable_parameters"], num_classes=config["num_classes"],
+                resolution=config["sample_size"], patch_size=config["patch_size"], id2label=run.id2label,
+                guidance_scale=run.guidance_scale, guidance_interval=run.guidance_interval,
+                noise_scale=run.loss_config.noise_scale, sample_classes=run.validation_classes if samples else None,
+                sample_seed=args.seed, images_per_class=args.validation_images_per_class,
+            )
+        exported = export(run, run.output_dir, card=card, samples=samples)
     if stats.corrupt_seen:
         logger.warning(f"Skipped {sum(stats.corrupt_seen.values())} unreadable image read(s) ({len(stats.corrupt_seen)} "
                        f"distinct file(s)) on process {accelerator.process_index}: {sorted(stats.corrupt_seen)[:10]}",
@@ -1072,11 +1004,8 @@ def finish(run: TrainingRun, stats: LoopStats) -> dict:
                                          commit_message=f"pMF LoRA training: step {step}")
             logger.info(f"Pushed the adapter to {args.hub_model_id}: {result.commit_url}")
     accelerator.wait_for_everyone()
-    if run.lora_config is None:
-        logger.info(f"Done at step {step}; pipeline in {run.output_dir / 'pipeline'}")
-    else:
-        logger.info(f"Done at step {step}; LoRA adapter in {run.output_dir / 'lora'} (load it with "
-                    "PMFPipeline.from_pretrained(<base>).load_lora_weights(<adapter>))")
+    logger.info(f"Done at step {step}; " + (f"pipeline in {run.output_dir / 'pipeline'}" if run.lora_config is None else
+                f"LoRA adapter in {run.output_dir / 'lora'} (PMFPipeline.from_pretrained(<base>).load_lora_weights)"))
     return {
         "global_step": step,
         "history": list(stats.history),
@@ -1096,10 +1025,8 @@ def main(args: argparse.Namespace) -> dict:
     output_dir = Path(args.output_dir)
     if args.preset is None and args.pretrained_model is None:
         raise TrainingSetupError(f"Pass --preset (one of: {', '.join(TRAINING_PRESETS)}) or --pretrained_model.")
-    try:
+    with setup_errors():
         preset = get_training_preset(args.preset) if args.preset is not None else None
-    except ValueError as err:
-        raise TrainingSetupError(str(err)) from None
     if args.pretrained_model is not None and any(getattr(args, name) is not None for name in SHAPE_FLAGS):
         raise TrainingSetupError("With --pretrained_model the model shape comes from the checkpoint: drop the shape flags.")
 
@@ -1110,12 +1037,8 @@ def main(args: argparse.Namespace) -> dict:
         # accelerate's "all" would also start any other tracker it finds installed (mlflow, comet_ml, ...).
         report_to = ["tensorboard", "wandb"] if is_wandb_available() else ["tensorboard"]
     project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=report_to,
-        project_config=project_config,
-    )
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=args.mixed_precision, log_with=report_to, project_config=project_config)
     try:
         return _train(args, accelerator, preset, output_dir)
     finally:
@@ -1124,7 +1047,11 @@ def main(args: argparse.Namespace) -> dict:
 
 def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output_dir: Path) -> dict:
     configure_logging(accelerator)
-    check_distributed_setup(args, accelerator)
+    with setup_errors():
+        check_distributed_setup(accelerator)
+    if accelerator.distributed_type == DistributedType.FSDP and args.lora_rank is not None:
+        raise TrainingSetupError("--lora_rank is not supported with FSDP (the adapter is small): use DDP "
+                                 "(`accelerate launch --multi_gpu`).")
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -1133,7 +1060,8 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
     resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         logger.info(f"No complete checkpoint in {output_dir}: starting a new training run.")
-    label_set = read_new_label_set(args.new_label_set) if args.new_label_set is not None else None
+    with setup_errors("--new_label_set: "):
+        label_set = read_label_set(args.new_label_set) if args.new_label_set is not None else None
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_interrupted_saves(output_dir)

@@ -169,6 +169,7 @@ def load_train_script(module_name: str):
 
     spec = importlib.util.spec_from_file_location(module_name, REPO_ROOT / "examples" / "train_pmf.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # as `import` does (dataclasses look their module up there)
     spec.loader.exec_module(module)
     return module
 
@@ -202,14 +203,12 @@ FSDP2_LAUNCH_FLAGS = (
 
 
 def launch_train_script(*script_args: str, fsdp: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`accelerate launch` `examples/train_pmf.py` on two CPU processes (gloo): DDP, or FSDP2 with `fsdp=True` (through
-    `tests/cpu_fsdp_launch.py`, since accelerate enables FSDP only on accelerator devices)."""
+    """`accelerate launch` `examples/train_pmf.py` on two CPU processes (gloo): DDP, or FSDP2 with `fsdp=True`, through
+    `tests/launch_train_pmf.py` (the `tiny-test` preset, FSDP on CPU processes, weight hashes at the end)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1"}
-    if fsdp:
-        mode, script = FSDP2_LAUNCH_FLAGS, REPO_ROOT / "tests" / "cpu_fsdp_launch.py"
-    else:
-        mode, script = ("--multi_gpu",), REPO_ROOT / "examples" / "train_pmf.py"
+    mode = FSDP2_LAUNCH_FLAGS if fsdp else ("--multi_gpu",)
+    script = REPO_ROOT / "tests" / "launch_train_pmf.py"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(script),

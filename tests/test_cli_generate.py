@@ -1,5 +1,6 @@
 """`pmf generate` (the README's main job), `pmf push` / `pmf eval` wiring, and `pmf --help` as a map."""
 
+import json
 import subprocess
 import sys
 
@@ -86,8 +87,59 @@ def test_generate_reports_a_batch_that_does_not_fit(monkeypatch, capsys, tmp_pat
 def test_help_is_a_map_of_the_project():
     result = subprocess.run([sys.executable, "-m", "pmf_diffusers.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for command in ("generate", "convert", "push", "eval", "train_pmf.py", "spaces_app/app.py"):
+    for command in ("generate", "convert", "push", "push-space", "eval", "train_pmf.py", "spaces_app/app.py"):
         assert command in result.stdout
-    for command in ("generate", "push", "eval"):
+    for command in ("generate", "push", "push-space", "eval"):
         sub = subprocess.run([sys.executable, "-m", "pmf_diffusers.cli", command, "--help"], capture_output=True, text=True)
         assert sub.returncode == 0 and "usage: pmf " + command in sub.stdout
+        assert "examples:" in sub.stdout
+
+
+def test_generate_refuses_a_non_empty_folder_without_overwrite(tmp_path, capsys):
+    """Issue 12, item 4: same-named PNGs are never replaced silently."""
+    argv = ["generate", "--class-labels", "0", "--output", str(tmp_path)]
+    assert run(argv + ["--seed", "1"], capsys)[0] == 0
+    written = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    (tmp_path / "notes.txt").write_text("mine")
+
+    code, _, err = run(argv + ["--seed", "2"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"output folder '{tmp_path}' is not empty" in err and "--overwrite" in err
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.name != "notes.txt"} == written
+
+    code, _, err = run(argv + ["--seed", "2", "--overwrite"], capsys)
+    assert code == 0, err
+    png = next(name for name in written if name.endswith("_class0_red_circle.png"))
+    assert (tmp_path / png).read_bytes() != written[png]  # replaced with the seed-2 image
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+    (tmp_path / "file").write_text("x")
+    code, _, err = run(["generate", "--output", str(tmp_path / "file")], capsys)
+    assert code == 2 and "exists and is not a folder" in err
+
+
+def test_generate_class_id_and_model_file_errors_name_the_fix(tmp_path, capsys):
+    """Issue 12, item 11: a negative id is an id out of range (not an unknown name); a file is not a Hub id."""
+    code, _, err = run(["generate", "--class-labels", "-1", "--output", str(tmp_path / "a")], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "Class id -1 is out of range" in err and "0..9" in err and "10 = unconditional" in err
+    assert "Unknown class name" not in err
+
+    checkpoint = tmp_path / "pMF-B-16.pt"
+    checkpoint.write_bytes(b"not a folder")
+    code, _, err = run(["generate", "--model", str(checkpoint), "--output", str(tmp_path / "b")], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"'{checkpoint}' is a file" in err and "pmf convert" in err and "Hub" not in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_eval_images_skips_the_grid_that_generate_writes(tmp_path, capsys):
+    """Issue 11, item 6: `pmf eval --images` on a `pmf generate` folder evaluates the samples, not grid.png."""
+    samples = tmp_path / "samples"
+    assert run(["generate", "--class-labels", "0", "1", "--output", str(samples)], capsys)[0] == 0
+    assert (samples / "grid.png").is_file()
+    report = tmp_path / "eval.json"
+    code, _, err = run(["eval", "--images", str(samples), "--feature-extractor", "random", "--device", "cpu",
+                        "--output", str(report)], capsys)
+    assert code == 0, err
+    assert json.loads(report.read_text())["num_images"] == 2

@@ -255,6 +255,113 @@ def test_convert_checkpoint_to_folder(tmp_path, tiny_checkpoint, tiny_preset):
     assert not (tmp_path / "never").exists()
 
 
+@needs_reference
+def test_overwrite_replaces_only_what_a_conversion_wrote(tmp_path, tiny_checkpoint):
+    """Issue 12, item 3: `overwrite=True` replaces the files of an earlier conversion, never anything else."""
+    from pmf_diffusers import PMFPipeline
+    from pmf_diffusers.conversion import convert_checkpoint
+
+    output = tmp_path / "out"
+    convert_checkpoint(tiny_checkpoint, output)
+    foreign = {
+        "notes.txt": b"mine",
+        "samples/0000.png": b"png",
+        "transformer/README.md": b"my notes on the weights",
+        "scheduler/tuning.json": b"{}",
+    }
+    for name, data in foreign.items():
+        (output / name).parent.mkdir(parents=True, exist_ok=True)
+        (output / name).write_bytes(data)
+    # What an earlier, sharded save would have left: shards and their index.
+    stale = ["transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
+             "transformer/diffusion_pytorch_model.safetensors.index.json"]
+    for name in stale:
+        (output / name).write_bytes(b"old")
+
+    convert_checkpoint(tiny_checkpoint, output, noise_scale=2.0, overwrite=True)
+    for name, data in foreign.items():
+        assert (output / name).read_bytes() == data, name
+    assert not any((output / name).exists() for name in stale)
+    assert PMFPipeline.from_pretrained(output).scheduler.config.noise_scale == 2.0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "tinyA.pt"]  # no staging folder left
+
+
+@needs_reference
+def test_overwrite_never_touches_the_input_or_another_pipeline(tmp_path, tiny_checkpoint):
+    import shutil
+
+    from pmf_diffusers.conversion import check_output_folder, convert_checkpoint
+
+    work = tmp_path / "work"
+    work.mkdir()
+    checkpoint = work / "tinyA.pt"
+    shutil.copyfile(tiny_checkpoint, checkpoint)
+    (work / "other.txt").write_text("keep")
+    data = checkpoint.read_bytes()
+    for output in (work, tmp_path, Path(os.path.relpath(work))):  # the folder itself, a parent, a relative path
+        with pytest.raises(ValueError, match="contains the checkpoint .*write the pipeline to another folder"):
+            convert_checkpoint(checkpoint, output, overwrite=True)
+    assert checkpoint.read_bytes() == data and (work / "other.txt").read_text() == "keep"
+    assert sorted(path.name for path in work.iterdir()) == ["other.txt", "tinyA.pt"]
+
+    other = tmp_path / "sd"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(FileExistsError, match="holds a model_index.json that is not a PMFPipeline's"):
+        convert_checkpoint(tiny_checkpoint, other, overwrite=True)
+    assert json.loads((other / "model_index.json").read_text()) == {"_class_name": "StableDiffusionPipeline"}
+    with pytest.raises(NotADirectoryError, match="exists and is not a folder"):
+        check_output_folder(work / "other.txt")
+
+
+@needs_reference
+def test_interrupted_overwrite_never_looks_complete(tmp_path, tiny_checkpoint, monkeypatch):
+    """The new files are moved in with model_index.json last: a failure half-way leaves no complete-looking folder,
+    keeps the user's files and no staging folder; the next run completes it."""
+    from pmf_diffusers import PMFPipeline
+    from pmf_diffusers import conversion
+    from pmf_diffusers.conversion import convert_checkpoint
+
+    output = tmp_path / "out"
+    convert_checkpoint(tiny_checkpoint, output)
+    (output / "notes.txt").write_text("mine")
+    real_replace = os.replace
+
+    def disk_full_on_weights(source, target):
+        if str(target).endswith(".safetensors"):
+            raise OSError(28, "No space left on device")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(conversion.os, "replace", disk_full_on_weights)
+    with pytest.raises(OSError, match="No space left"):
+        convert_checkpoint(tiny_checkpoint, output, noise_scale=2.0, overwrite=True)
+    monkeypatch.setattr(conversion.os, "replace", real_replace)
+    assert not (output / "model_index.json").exists() and (output / "notes.txt").read_text() == "mine"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "tinyA.pt"]
+
+    convert_checkpoint(tiny_checkpoint, output, noise_scale=2.0, overwrite=True)
+    assert PMFPipeline.from_pretrained(output).scheduler.config.noise_scale == 2.0
+
+
+@needs_reference
+def test_non_finite_settings_are_refused(tmp_path, tiny_checkpoint):
+    """Issue 12, item 9: inf/NaN noise scale and guidance never reach a saved config."""
+    from pmf_diffusers import PMFScheduler
+    from pmf_diffusers.conversion import convert_checkpoint
+
+    for value in (float("inf"), float("nan"), 0.0, -1.0):
+        with pytest.raises(ValueError, match="`noise_scale` must be a finite number > 0"):
+            PMFScheduler(noise_scale=value)
+        with pytest.raises(ValueError, match="`noise_scale` must be a finite number > 0"):
+            convert_checkpoint(tiny_checkpoint, tmp_path / "out", noise_scale=value)
+    for value in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="guidance_scale"):
+            convert_checkpoint(tiny_checkpoint, tmp_path / "out", guidance_scale=value)
+        with pytest.raises(ValueError, match="guidance_interval"):
+            convert_checkpoint(tiny_checkpoint, tmp_path / "out", guidance_interval=(0.1, value))
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # load_official, offline, against a fake Hub cache
 # --------------------------------------------------------------------------------------------------------------
@@ -309,6 +416,23 @@ def test_load_official_converts_once_and_caches(tmp_path, offline_hub, tiny_pres
     again = load_official(tiny_preset, cache_dir=cache_dir, repo_id=repo_id, dtype=torch.bfloat16)
     assert again.transformer.dtype == torch.bfloat16
     assert again.transformer.rope_freqs.dtype == torch.complex64
+
+
+@needs_reference
+def test_load_official_completes_an_interrupted_cache_folder(tmp_path, offline_hub, tiny_preset):
+    """A cache folder left incomplete (no model_index.json) is converted into again; files that are not a
+    conversion's stay."""
+    from pmf_diffusers.conversion import load_official
+
+    repo_id = "test-org/tiny-pmf"
+    _fake_hub_cache(offline_hub, repo_id, tiny_preset.filename, official_state_dict("tinyA", prefix="net.", v_head=False))
+    folder = tmp_path / "converted" / "tiny-A"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "transformer" / "config.json").write_text("{truncated")
+    (folder / "keep.txt").write_text("not ours")
+    load_official(tiny_preset, cache_dir=tmp_path / "converted", repo_id=repo_id)
+    assert (folder / "model_index.json").is_file() and (folder / "keep.txt").read_text() == "not ours"
+    assert json.loads((folder / "transformer" / "config.json").read_text())["sample_size"] == 32
 
 
 def test_load_official_offline_without_cache_raises_connection_error(tmp_path, offline_hub):

@@ -51,10 +51,12 @@ STAGED_FILES = {
 class HubStandIn:
     """The Hub endpoints `huggingface_hub` 2.4 calls for create_repo / create_branch / upload_folder.
 
-    Implemented: POST /api/repos/create; POST /api/validate-yaml; POST /api/models/{repo}/branch/{branch};
-    POST /api/models/{repo}/preupload/{rev} (answers "regular", or "lfs" for files >= `lfs_threshold`);
-    POST /{repo}.git/info/lfs/objects/batch + the PUT/verify URLs it hands out (basic transfer);
-    POST /api/models/{repo}/commit/{rev} (NDJSON: header / file (base64) / lfsFile lines, `?create_pr=1`);
+    Implemented, for model repos (/api/models/...) and Spaces (/api/spaces/...): POST /api/repos/create;
+    POST /api/validate-yaml; POST /api/{type}s/{repo}/branch/{branch};
+    POST /api/{type}s/{repo}/preupload/{rev} (answers "regular", or "lfs" for files >= `lfs_threshold`);
+    POST /[spaces/]{repo}.git/info/lfs/objects/batch + the PUT/verify URLs it hands out (basic transfer);
+    POST /api/{type}s/{repo}/commit/{rev} (NDJSON: header / file (base64) / lfsFile / deletedFile / deletedFolder
+    lines, `?create_pr=1`); GET /api/{type}s/{repo}/tree/{rev} (recursive listing, one page, for delete_patterns);
     POST /api/models/{repo}/discussions and GET .../discussions/{num} (pull requests, used by the hf_xet-era
     pipelined upload). Xet storage is not implemented: with "regular" upload modes the client never needs it.
     Every request is recorded; Hub API calls need `Authorization: Bearer <TOKEN>`.
@@ -171,7 +173,7 @@ class HubStandIn:
         if method == "POST" and path == "/api/validate-yaml":
             return 200, {"errors": [], "warnings": []}, {}
 
-        match = re.fullmatch(r"/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
+        match = re.fullmatch(r"/(?:spaces/)?(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
         if method == "POST" and match:
             payload = json.loads(body)
             objects = [
@@ -192,7 +194,21 @@ class HubStandIn:
         if method == "POST" and match:
             return (200, {}, {}) if match["oid"] in self.lfs_storage else (404, {"error": "not uploaded"}, {})
 
-        match = re.fullmatch(r"/api/models/(?P<repo>[^/]+/[^/]+)/(?P<op>preupload|commit|branch)/(?P<rev>[^/]+)", path)
+        match = re.fullmatch(r"/api/(?:models|spaces)/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)", path)
+        if method == "GET" and match:
+            repo = self.repos.get(match["repo"])
+            if repo is None or unquote(match["rev"]) not in repo["refs"]:
+                return 404, {"error": "Repository or revision not found"}, {"X-Error-Code": "RepoNotFound"}
+            files = repo["refs"][unquote(match["rev"])]
+            listing = [
+                {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                for name, data in sorted(files.items())
+            ]
+            return 200, listing, {}
+
+        match = re.fullmatch(
+            r"/api/(?:models|spaces)/(?P<repo>[^/]+/[^/]+)/(?P<op>preupload|commit|branch)/(?P<rev>[^/]+)", path
+        )
         if match:
             repo_id, operation, ref = match["repo"], match["op"], unquote(match["rev"])
             repo = self.repos.get(repo_id)
@@ -246,10 +262,12 @@ class HubStandIn:
     def _commit(self, repo_id: str, repo: dict, ref: str, record: dict):
         lines = [json.loads(line) for line in record["body"].splitlines() if line.strip()]
         header = lines[0]["value"] if lines and lines[0]["key"] == "header" else {}
-        files, lfs_files = {}, []
+        files, lfs_files, deleted = {}, [], []
         for line in lines[1:]:
             value = line["value"]
-            if line["key"] == "file":
+            if line["key"] in ("deletedFile", "deletedFolder"):
+                deleted.append(value["path"])
+            elif line["key"] == "file":
                 files[value["path"]] = base64.b64decode(value["content"])
             elif line["key"] == "lfsFile":
                 if value["oid"] not in self.lfs_storage:
@@ -264,11 +282,15 @@ class HubStandIn:
             self.pull_requests.append({"repo_id": repo_id, "num": num, "title": header.get("summary"), "pullRequest": True})
             repo["refs"][f"refs/pr/{num}"] = dict(repo["refs"][ref])
             ref = f"refs/pr/{num}"
+        for path in deleted:
+            prefix = path.rstrip("/") + "/"
+            for name in [name for name in repo["refs"][ref] if name == path or name.startswith(prefix)]:
+                del repo["refs"][ref][name]
         repo["refs"][ref].update(files)
         oid = hashlib.sha1(record["body"]).hexdigest()
         self.commits.append({
             "repo_id": repo_id, "ref": ref, "summary": header.get("summary"), "description": header.get("description"),
-            "files": files, "lfs_files": lfs_files, "create_pr": create_pr,
+            "files": files, "lfs_files": lfs_files, "deleted": deleted, "create_pr": create_pr,
         })
         pr_url = f"{self.url}/{repo_id}/discussions/{len(self.pull_requests)}" if create_pr else None
         return 200, {"commitUrl": f"{self.url}/{repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": pr_url}, {}
@@ -578,6 +600,28 @@ def test_cli_push(hub, tmp_path, saved_folder, capsys):
     card = ModelCard(hub.files("alice/pmf-cli", "exp")["README.md"].decode())
     assert card.data.base_model == "bob/pmf-base" and "| `batch_size` | 8 |" in card.text
     assert "uploaded 6 files" in captured.out and "commit: " in captured.out
+
+
+def test_dry_run_checks_for_the_token_like_a_push(hub, monkeypatch, tmp_path, saved_folder, capsys):
+    """A token pasted into the card fields is refused by a dry run as by a real push (issue 12, item 2)."""
+    leaky = {"description": f"trained with token {TOKEN}"}
+    with pytest.raises(HubPushError, match="refusing to upload: the access token appears in README.md"):
+        push_pipeline_to_hub(saved_folder, "alice/x", card_info=leaky, dry_run=True, sample_grid=False)
+    with pytest.raises(HubPushError, match="the access token appears in README.md"):  # the real push, the same
+        push_pipeline_to_hub(saved_folder, "alice/x", card_info=leaky, endpoint=hub.url, sample_grid=False)
+
+    # The CLI, with the token from --token-file and none in the environment.
+    monkeypatch.delenv("HF_TOKEN")
+    token_file, card_info = tmp_path / "token", tmp_path / "card.json"
+    token_file.write_text(TOKEN)
+    card_info.write_text(json.dumps(leaky))
+    argv = [str(saved_folder), "alice/x", "--dry-run", "--no-samples", "--card-info", str(card_info)]
+    assert run_push([*argv, "--token-file", str(token_file)]) == 2
+    err = capsys.readouterr().err
+    assert err == "pmf: error: refusing to upload: the access token appears in README.md\n"
+    # Without any token there is nothing to leak: the dry run lists the files.
+    assert run_push(argv) == 0 and "would upload 6 files" in capsys.readouterr().out
+    assert hub.requests == []
 
 
 def test_cli_errors_are_one_line(hub, monkeypatch, tmp_path, saved_folder, capsys):

@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from pmf_diffusers import PMFPipeline, PMFScheduler, PMFTransformer2DModel
 from pmf_diffusers.loaders import ADAPTER_CONFIG_NAME, CLASS_EMBEDDINGS_NAME
 from pmf_diffusers.training.lora import replace_class_table
-from pmf_diffusers.training.presets import get_training_preset
 from pmf_diffusers.training.toy_data import TOY_CLASS_FOLDERS, make_toy_dataset
 from conftest import load_train_script
+from train_utils import TINY_TEST_PRESET, add_tiny_test_preset, recording_accelerator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "train_pmf.py"
@@ -29,11 +29,19 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 T = load_train_script("train_pmf_lora_under_test")
+TRAINED: list[dict] = []  # {"model", "ema"} of each run, recorded at accelerator.end_training()
 
 
 @pytest.fixture(autouse=True)
-def _isolated(isolated_accelerate):
+def _isolated(isolated_accelerate, monkeypatch):
+    add_tiny_test_preset(monkeypatch)
+    monkeypatch.setattr(T, "Accelerator", recording_accelerator(T.Accelerator, TRAINED))
     yield
+
+
+def train(argv: list[str]) -> dict:
+    """`main(parse_args(argv))`'s summary, with the trained model and EMAs."""
+    return {**T.main(T.parse_args(argv)), **TRAINED[-1]}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +65,7 @@ def shapes(workdir) -> Path:
 def base(workdir) -> Path:
     """A tiny-test-shaped pipeline without a v-head, non-degenerate random weights, 4 named classes."""
     torch.manual_seed(3)
-    config = {**get_training_preset("tiny-test").model, "num_classes": 4, "with_v_head": False}
+    config = {**TINY_TEST_PRESET.model, "num_classes": 4, "with_v_head": False}
     transformer = PMFTransformer2DModel(**config)
     with torch.no_grad():
         for param in transformer.parameters():
@@ -105,7 +113,7 @@ class FakeHfApi:
     def upload_folder(self, repo_id, folder_path, commit_message=None, **kwargs):
         files = sorted(p.name for p in Path(folder_path).iterdir())
         FakeHfApi.calls.append(("upload_folder", repo_id, folder_path, files, commit_message))
-        return type("Commit", (), {"commit_url": f"https://hub.example/{repo_id}/commit/1"})()
+        return type("Commit", (), {"commit_url": f"https://hub.example/{repo_id}/commit/1", "pr_url": None})()
 
 
 def test_lora_run_freezes_base_exports_ema_adapter_and_pushes(tmp_path, shapes, base, hf_cache, monkeypatch):
@@ -118,8 +126,8 @@ def test_lora_run_freezes_base_exports_ema_adapter_and_pushes(tmp_path, shapes, 
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
 
     out = tmp_path / "run"
-    result = T.main(T.parse_args(lora_args(out, shapes, base, hf_cache, "--push_to_hub", "--hub_model_id",
-                                           "someone/pmf-lora", "--hub_private")))
+    result = train(lora_args(out, shapes, base, hf_cache, "--push_to_hub", "--hub_model_id", "someone/pmf-lora",
+                             "--hub_private"))
     assert result["global_step"] == 3 and result["pipeline_dir"] is None
     lora_dir = result["lora_dir"]
     assert lora_dir == out / "lora" and not (out / "pipeline").exists()
@@ -187,9 +195,9 @@ def test_new_label_set_resumes_bit_for_bit_and_reloads_with_its_names(tmp_path, 
     names = {0: "purple star", 1: "yellow plus", 2: "red circle", 3: "blue square, box", 4: "green triangle"}
     common = ("--new_label_set", str(labels_file), "--checkpointing_steps", "2", "--lora_target", "attention",
               "--export_drop_v_head")
-    straight = T.main(T.parse_args(lora_args(tmp_path / "a", shapes, base, hf_cache, *common, steps=4)))
-    resumed = T.main(T.parse_args(lora_args(tmp_path / "b", shapes, base, hf_cache, *common, "--resume_from_checkpoint",
-                                            str(tmp_path / "a" / "checkpoint-2"), steps=4)))
+    straight = train(lora_args(tmp_path / "a", shapes, base, hf_cache, *common, steps=4))
+    resumed = train(lora_args(tmp_path / "b", shapes, base, hf_cache, *common, "--resume_from_checkpoint",
+                              str(tmp_path / "a" / "checkpoint-2"), steps=4))
     assert resumed["global_step"] == 4 and len(resumed["history"]) == 2
     assert all(torch.equal(a, b) for a, b in zip(straight["model"].parameters(), resumed["model"].parameters()))
     for key in straight["ema"].keys():

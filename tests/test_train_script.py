@@ -1,13 +1,15 @@
 """Tests of `examples/train_pmf.py` and its helpers (`pmf_diffusers.training.data` / `.presets`). CPU only.
 
-Most runs call the script's `main(parse_args([...]))` in-process with the `tiny-test` preset (16×16, ~50k parameters) on
-a 4-class toy dataset; the multi-process tests launch `accelerate launch` with two CPU processes (gloo), under DDP
-and FSDP2.
+Most runs call the script's `main(parse_args([...]))` in-process with the tests' `tiny-test` preset (16×16, ~50k
+parameters; tests/train_utils.py) on a 4-class toy dataset; the trained model and EMAs are recorded when the script
+ends training. The multi-process tests launch `accelerate launch` with two CPU processes (gloo), under DDP and FSDP2,
+and compare the hashes of the weights each process ends with.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import shutil
 import sys
@@ -32,15 +34,19 @@ from pmf_diffusers.training.perceptual import PerceptualWeightsNotFoundError
 from pmf_diffusers.training.presets import TRAINING_PRESETS, get_training_preset, official_model_config
 from pmf_diffusers.training.toy_data import TOY_CLASS_FOLDERS, make_toy_dataset
 from conftest import launch_train_script, load_train_script, max_rel_err
+from train_utils import TINY_TEST_PRESET, add_tiny_test_preset, recording_accelerator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 T = load_train_script("train_pmf_under_test")
+TRAINED: list[dict] = []  # {"model", "ema"} of each run, recorded at accelerator.end_training()
 
 
 @pytest.fixture(autouse=True)
-def _isolated(isolated_accelerate):
+def _isolated(isolated_accelerate, monkeypatch):
+    add_tiny_test_preset(monkeypatch)
+    monkeypatch.setattr(T, "Accelerator", recording_accelerator(T.Accelerator, TRAINED))
     yield
 
 
@@ -69,7 +75,25 @@ def run(output_dir: Path, data: Path, cache: Path, *extra: str, steps: int = 4) 
         "--max_train_steps", str(steps), "--report_to", "none", "--validation_steps", "0",
         "--checkpointing_steps", "0", "--cache_dir", str(cache), *extra,
     ]
-    return T.main(T.parse_args(argv))
+    return train(argv)
+
+
+def train(argv: list[str]) -> dict:
+    """`main(parse_args(argv))`'s summary, with the trained model and EMAs."""
+    return {**T.main(T.parse_args(argv)), **TRAINED[-1]}
+
+
+def inject_nan_loss(monkeypatch, at_step: int) -> None:
+    """Make the script's objective return a NaN loss at the `at_step`-th call (step `at_step` without accumulation)."""
+    calls, real_loss = itertools.count(1), T.pmf_loss
+
+    def pmf_loss(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        if next(calls) == at_step:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(T, "pmf_loss", pmf_loss)
 
 
 def fixed_draw_loss_u(transformer, images, labels, config) -> float:
@@ -212,11 +236,12 @@ def test_streaming_trains_and_resumes_exactly(tmp_path, toy4, hf_cache):
 
 
 def _launch(output_dir: Path, data: Path, cache: Path, *extra: str, fsdp: bool = False):
-    """4 tiny-test steps on two CPU processes (DDP, or FSDP2 with `fsdp=True`)."""
+    """4 tiny-test steps on two CPU processes (DDP, or FSDP2 with `fsdp=True`); each process writes the hash of its
+    final weights and EMAs (tests/launch_train_pmf.py)."""
     result = launch_train_script(
         "--preset", "tiny-test", "--train_data_dir", str(data), "--output_dir", str(output_dir),
         "--cache_dir", str(cache), "--report_to", "none", "--max_train_steps", "4", "--validation_steps", "0",
-        "--debug_dump_weights_hash", *extra, fsdp=fsdp,
+        *extra, fsdp=fsdp,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -444,15 +469,16 @@ def test_perceptual_losses_are_wired_but_not_prepared_or_checkpointed(tmp_path, 
     assert all(torch.equal(a, b) for a, b in zip(straight["model"].parameters(), resumed["model"].parameters()))
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, toy4, hf_cache):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, toy4, hf_cache, monkeypatch):
     out = tmp_path / "nan"
+    inject_nan_loss(monkeypatch, at_step=3)
     with pytest.raises(T.NonFiniteLossError, match=r"at step 3 .*Last good checkpoint: .*checkpoint-2"):
-        run(out, toy4, hf_cache, "--checkpointing_steps", "2", "--debug_inject_nan_at_step", "3", steps=6)
+        run(out, toy4, hf_cache, "--checkpointing_steps", "2", steps=6)
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
     assert not list(out.glob(".tmp-checkpoint-*")) and not (out / "pipeline").exists()
     argv = ["--preset", "tiny-test", "--train_data_dir", str(toy4), "--output_dir", str(tmp_path / "cli"),
-            "--report_to", "none", "--cache_dir", str(hf_cache), "--max_train_steps", "3",
-            "--debug_inject_nan_at_step", "1"]
+            "--report_to", "none", "--cache_dir", str(hf_cache), "--max_train_steps", "3"]
+    inject_nan_loss(monkeypatch, at_step=1)
     assert T.cli(argv) == 3
 
 
@@ -490,12 +516,11 @@ def test_dataset_name_with_custom_columns(tmp_path, hf_cache):
     folder.mkdir()
     features = datasets.Features({"picture": datasets.Image(), "kind": datasets.Value("int64")})
     datasets.Dataset.from_dict({"picture": images, "kind": labels}, features=features).to_parquet(folder / "train.parquet")
-    args = T.parse_args([
+    result = train([
         "--preset", "tiny-test", "--dataset_name", str(folder), "--image_column", "picture", "--label_column", "kind",
         "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2", "--report_to", "none",
         "--global_batch_size", "4", "--cache_dir", str(hf_cache),
     ])
-    result = T.main(args)
     assert result["global_step"] == 2 and result["model"].config.num_classes == 3
     with pytest.raises(DatasetError, match="--label_column 'nope' not found"):
         T.main(T.parse_args(["--preset", "tiny-test", "--dataset_name", str(folder), "--label_column", "nope",
@@ -504,7 +529,7 @@ def test_dataset_name_with_custom_columns(tmp_path, hf_cache):
 
 def _tiny_pipeline_without_v_head(path: Path, num_classes: int = 4) -> Path:
     torch.manual_seed(3)
-    config = {**get_training_preset("tiny-test").model, "num_classes": num_classes, "with_v_head": False}
+    config = {**TINY_TEST_PRESET.model, "num_classes": num_classes, "with_v_head": False}
     transformer = PMFTransformer2DModel(**config)
     with torch.no_grad():
         for param in transformer.parameters():
@@ -525,11 +550,11 @@ def test_fine_tune_adds_v_head(tmp_path, toy4, hf_cache):
     fresh, _ = T.load_pretrained(str(folder), "fresh")
     assert not fresh.v_proj_out.weight.any() and torch.equal(fresh.u_proj_out.weight, copied.u_proj_out.weight)
 
-    result = T.main(T.parse_args([
+    result = train([
         "--pretrained_model", str(folder), "--preset", "tiny-test", "--train_data_dir", str(toy4),
         "--output_dir", str(tmp_path / "ft"), "--max_train_steps", "2", "--report_to", "none",
         "--cache_dir", str(hf_cache), "--export_drop_v_head",
-    ]))
+    ])
     pipe = PMFPipeline.from_pretrained(result["pipeline_dir"])
     assert not pipe.transformer.config.with_v_head
     assert pipe.scheduler.config.noise_scale == 2.0 and pipe.config.default_guidance_scale == 3.0
@@ -591,7 +616,7 @@ def test_presets():
     assert get_training_preset("pMF-L/16").loss.cfg_beta == 2.0 and get_training_preset("pMF-H/32").loss.tr_uniform
     with torch.device("meta"):
         model = PMFTransformer2DModel(**official_model_config("pMF-B/16"), num_classes=1000)
-    assert sum(p.numel() for p in model.parameters()) == 175_474_304  # pmf_spec.md §2.6, training params
+    assert sum(p.numel() for p in model.parameters()) == 175_474_304  # training params (with the v-head)
     toy = TRAINING_PRESETS["toy-cpu"]
     assert toy.model["sample_size"] == 32 and toy.loss.lpips_lambda == 0 and toy.loss.convnext_lambda == 0
 

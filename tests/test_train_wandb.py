@@ -19,6 +19,7 @@ from wandb.proto import wandb_internal_pb2
 
 from pmf_diffusers.training.toy_data import TOY_CLASS_FOLDERS, make_toy_dataset
 from conftest import load_train_script
+from train_utils import add_tiny_test_preset
 
 T = load_train_script("train_pmf_wandb_under_test")
 
@@ -27,7 +28,9 @@ SCALARS = ("loss", "loss_u", "loss_v", "loss_lpips", "loss_convnext", "lr", "img
 
 @pytest.fixture(autouse=True)
 def _offline_wandb(isolated_accelerate, tmp_path, monkeypatch):
-    """Offline mode (no login, no upload) and wandb's settings, cache and data folders inside tmp_path."""
+    """Offline mode (no login, no upload) and wandb's settings, cache and data folders inside tmp_path; the tests'
+    tiny-test preset."""
+    add_tiny_test_preset(monkeypatch)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")

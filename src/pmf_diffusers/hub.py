@@ -78,7 +78,7 @@ class HubPushError(ValueError):
 
 @dataclass
 class PushResult:
-    """What `push_pipeline_to_hub` uploaded (or, with `dry_run=True`, would upload)."""
+    """What `push_pipeline_to_hub` / `push_space_to_hub` uploaded (or, with `dry_run=True`, would upload)."""
 
     repo_id: str
     files: list[tuple[str, int]]  # (path in repo, size in bytes), sorted
@@ -91,18 +91,39 @@ class PushResult:
     repo_url: str | None = None
     commit_url: str | None = None
     pr_url: str | None = None
+    repo_type: str = "model"  # or "space"
+    space_sdk: str | None = None  # a Space's SDK (from its README), used when the Space is created
+    grouped: tuple[str, ...] = ()  # top-level folders listed as one line each in `summary()`
 
     @property
     def total_bytes(self) -> int:
         return sum(size for _, size in self.files)
 
+    def _listing(self) -> list[tuple[str, int]]:
+        """The files, with those under a `grouped` folder summed up as one entry `folder/ (N files)`."""
+        listing, groups = [], {}
+        for path, size in self.files:
+            top = path.split("/", 1)[0]
+            if top in self.grouped and "/" in path:
+                count, total = groups.get(top, (0, 0))
+                groups[top] = (count + 1, total + size)
+            else:
+                listing.append((path, size))
+        listing += [(f"{top}/ ({count} files)", total) for top, (count, total) in groups.items()]
+        return sorted(listing)
+
     def summary(self) -> str:
-        target = f"{self.repo_id} (branch {self.revision or 'main'}{', as a pull request' if self.create_pr else ''})"
+        branch = f"branch {self.revision or 'main'}{', as a pull request' if self.create_pr else ''}"
+        target = f"{'Space ' if self.repo_type == 'space' else ''}{self.repo_id} ({branch})"
         head = "would upload" if self.dry_run else "uploaded"
         lines = [f"{head} {len(self.files)} files, {_format_size(self.total_bytes)} to {target}:"]
-        width = max((len(path) for path, _ in self.files), default=0)
-        lines += [f"  {path:<{width}}  {_format_size(size):>10}" for path, size in self.files]
-        lines.append(f"model card: {self.card_kind}" + (f" ({self.preset})" if self.preset else ""))
+        listing = self._listing()
+        width = max((len(path) for path, _ in listing), default=0)
+        lines += [f"  {path:<{width}}  {_format_size(size):>10}" for path, size in listing]
+        if self.repo_type == "space":
+            lines.append(f"Space SDK: {self.space_sdk}")
+        else:
+            lines.append(f"model card: {self.card_kind}" + (f" ({self.preset})" if self.preset else ""))
         lines += [f"not uploaded: {item}" for item in self.skipped]
         if self.dry_run:
             lines.append("dry run: nothing was sent to the Hub")
@@ -167,6 +188,31 @@ def resolve_token(token: str | None = None) -> str:
     if not token:
         raise HubPushError(NOT_LOGGED_IN)
     return token
+
+
+def _available_token(token: str | None = None) -> str | None:
+    """The token a push would use, or None when there is none (a dry run needs no token, but checks for it)."""
+    try:
+        return resolve_token(token)
+    except HubPushError:
+        return None
+
+
+def _list_files(folder: Path) -> list[tuple[str, int]]:
+    """(path relative to `folder`, size in bytes) of every file under `folder`, sorted."""
+    return sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
+
+
+def check_no_token_in_files(folder: str | Path, files, token: str | None) -> None:
+    """Refuse (one-line `HubPushError`) when `token` appears in one of `files` (paths relative to `folder`, or
+    `(path, size)` pairs): the one leak check of every push and dry run."""
+    if not token:
+        return
+    needle = token.encode()
+    for path in files:
+        path = path[0] if isinstance(path, tuple) else path
+        if needle in (Path(folder) / path).read_bytes():
+            raise HubPushError(f"refusing to upload: the access token appears in {path}")
 
 
 def read_token_file(path: str | Path) -> str:
@@ -626,7 +672,8 @@ def push_pipeline_to_hub(
         card_info: Extra `render_model_card` fields (`preset`, `dataset`, `training_steps`, `recipe`, `command`,
             `base_model`, `license`, `metrics`, `title`, `description`, ...).
         sample_grid: Render `samples.png` (one step, fixed seeds) and show it in the card.
-        dry_run: Stage everything and report the files, but send nothing (no token needed).
+        dry_run: Stage everything and report the files, but send nothing. No token is needed; when one is
+            available, the files are checked for it as a real push would.
         endpoint: Hub endpoint; defaults to `HF_ENDPOINT` (read at call time), else https://huggingface.co.
         staging_dir: Stage into this (new or empty) folder and keep it, e.g. to inspect a dry run.
 
@@ -649,6 +696,8 @@ def push_pipeline_to_hub(
         if hub_offline():
             raise HubPushError("offline mode is on (HF_HUB_OFFLINE=1): unset it to push, or use a dry run")
         token = resolve_token(token)
+    else:
+        token = _available_token(token)  # a dry run checks the files for the token exactly as a push would
 
     pipeline, folder = _pipeline_and_folder(pipeline_or_folder)
     kind, preset, fields = _card_context(pipeline, repo_id, card_kind, card_info)
@@ -662,12 +711,8 @@ def push_pipeline_to_hub(
         stage = staging_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pmf-push-")))
         skipped = _stage_pipeline(pipeline, folder, stage)
         _stage_card_and_samples(pipeline, stage, kind, fields, sample_grid)
-        files = sorted((p.relative_to(stage).as_posix(), p.stat().st_size) for p in stage.rglob("*") if p.is_file())
-        if token:
-            needle = token.encode()
-            for path, _ in files:
-                if needle in (stage / path).read_bytes():
-                    raise HubPushError(f"refusing to upload: the access token appears in {path}")
+        files = _list_files(stage)
+        check_no_token_in_files(stage, files, token)
         result = PushResult(
             repo_id=repo_id, files=files, card_kind=kind, dry_run=dry_run, revision=revision, create_pr=create_pr,
             preset=preset.name if preset else None, skipped=skipped,
@@ -694,20 +739,25 @@ def _stage_card_and_samples(pipeline, stage: Path, kind: str, fields: dict, samp
     (stage / SHIM_FILENAME).write_text(SHIM_SOURCE)
 
 
-def _upload(stage: Path, result: PushResult, *, endpoint, token, private, commit_message) -> None:
-    """Create the repo (and branch) and upload `stage` in one commit; fills the URLs of `result`."""
+def _upload(stage: Path, result: PushResult, *, endpoint, token, private, commit_message, delete_patterns=None) -> None:
+    """Create the repo (and branch) and upload `stage` in one commit (which also deletes the repo's files matching
+    `delete_patterns` that `stage` does not hold); fills the URLs of `result`."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     repo_id, revision = result.repo_id, result.revision
+    # A model repo is created with the client's defaults (no repo type sent); a Space with its SDK.
+    repo_type = result.repo_type if result.repo_type != "model" else None
     api = HfApi(endpoint=endpoint, token=token)
     try:
-        result.repo_url = str(api.create_repo(repo_id, private=private, exist_ok=True))
+        result.repo_url = str(
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type, space_sdk=result.space_sdk)
+        )
         if revision is not None and revision != "main" and not revision.startswith("refs/"):
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type=repo_type)
         commit = api.upload_folder(
             repo_id=repo_id, folder_path=stage, revision=revision, create_pr=result.create_pr,
-            commit_message=commit_message,
+            commit_message=commit_message, repo_type=repo_type, delete_patterns=delete_patterns,
         )
     except HfHubHTTPError as error:
         status = getattr(getattr(error, "response", None), "status_code", None)
@@ -746,11 +796,218 @@ def push_adapter_to_hub(
     if endpoint is None:
         endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or None
     folder = Path(folder)
-    files = sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
-    for path, _ in files:
-        if token.encode() in (folder / path).read_bytes():
-            raise HubPushError(f"refusing to upload: the access token appears in {path}")
+    files = _list_files(folder)
+    check_no_token_in_files(folder, files, token)
     result = PushResult(repo_id=repo_id, files=files, card_kind="adapter", dry_run=False)
     _upload(str(folder), result, endpoint=endpoint, token=token, private=private,
             commit_message=commit_message or f"Upload pMF LoRA adapter with pmf-diffusers {__version__}")
     return result
+
+
+# ---------------------------------------------------------------------------------------------------- Spaces
+
+SPACE_APP_DIRNAME = "spaces_app"  # the Gradio app of a source checkout
+REQUIREMENTS_FILENAME = "requirements.txt"
+DISTRIBUTION_NAME = "pmf-diffusers"
+PACKAGE_NAME = "pmf_diffusers"
+# Files of the app folder that are never uploaded (`requirements.txt` is regenerated).
+SPACE_IGNORED = ("__pycache__", "*.pyc", ".*", "flagged", REQUIREMENTS_FILENAME)
+
+
+def source_checkout() -> Path | None:
+    """The source checkout this package is imported from (an editable install of the repository), or None."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]  # src/pmf_diffusers/hub.py -> the repository root
+    try:
+        name = tomllib.loads((root / "pyproject.toml").read_text())["project"]["name"]
+    except (OSError, KeyError, TypeError, tomllib.TOMLDecodeError):
+        return None
+    return root if name == DISTRIBUTION_NAME else None
+
+
+def build_wheel(project_dir: str | Path, wheel_dir: str | Path) -> Path:
+    """Build the pmf-diffusers wheel of a source checkout into `wheel_dir` and return its path.
+
+    Runs `pip wheel --no-deps` on a clean copy of the sources (pip builds in place and would leave `build/` and
+    `*.egg-info` in the checkout); with setuptools installed it builds without network (`--no-build-isolation
+    --no-index`), otherwise pip fetches the build backend from the index.
+    """
+    import importlib.util
+    import subprocess
+    import sys
+
+    project_dir, wheel_dir = Path(project_dir), Path(wheel_dir)
+    if not (project_dir / "pyproject.toml").is_file():
+        raise HubPushError(f"{project_dir} is not a source checkout of pmf-diffusers: no pyproject.toml")
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="pmf-wheel-") as tmp:
+        source = Path(tmp) / "source"
+        # The project uses the src layout: pyproject.toml, its readme/license and src/ are all a build reads.
+        shutil.copytree(
+            project_dir / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+        )
+        for name in ("pyproject.toml", "README.md", "LICENSE"):
+            if (project_dir / name).is_file():
+                shutil.copyfile(project_dir / name, source / name)
+        offline = importlib.util.find_spec("setuptools") is not None
+        command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(wheel_dir)]
+        command += ["--no-build-isolation", "--no-index"] if offline else []
+        completed = subprocess.run([*command, str(source)], capture_output=True, text=True)
+    wheels = sorted(wheel_dir.glob(f"{PACKAGE_NAME}-*.whl"))
+    if completed.returncode != 0 or not wheels:
+        output = (completed.stderr or completed.stdout).strip().splitlines()
+        reason = output[-1] if output else f"pip exited with {completed.returncode}"
+        raise HubPushError(
+            f"building the pmf-diffusers wheel failed: {reason} (build it with `pip wheel --no-deps -w dist .` and "
+            "pass it as wheel=... / --wheel)"
+        )
+    return wheels[-1]
+
+
+def _unpack_wheel(wheel: Path, stage: Path):
+    """Unpack a pmf-diffusers wheel into `stage` (the package and its `.dist-info`); returns its METADATA."""
+    import email.parser
+    import zipfile
+    from pathlib import PurePosixPath
+
+    if not (wheel.is_file() and wheel.name.startswith(f"{PACKAGE_NAME}-") and wheel.suffix == ".whl"):
+        raise HubPushError(f"{wheel} is not a pmf-diffusers wheel (expected a file {PACKAGE_NAME}-VERSION-....whl)")
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            names = archive.namelist()
+            for name in names:
+                parts = PurePosixPath(name).parts
+                top = parts[0] if parts else ""
+                ours = top == PACKAGE_NAME or (top.startswith(f"{PACKAGE_NAME}-") and top.endswith(".dist-info"))
+                if name.startswith("/") or ".." in parts or not ours:
+                    raise HubPushError(f"{wheel.name} is not a pmf-diffusers wheel: it holds {name!r}")
+            metadata_name = next((n for n in names if n.endswith(".dist-info/METADATA")), None)
+            if metadata_name is None:
+                raise HubPushError(f"{wheel.name} is not a pmf-diffusers wheel: no .dist-info/METADATA")
+            archive.extractall(stage)
+            return email.parser.BytesParser().parsebytes(archive.read(metadata_name))
+    except zipfile.BadZipFile as error:
+        raise HubPushError(f"{wheel} is not a wheel: {_first_line(error)}") from None
+
+
+def space_requirements(metadata) -> str:
+    """`requirements.txt` of a Space running the unpacked package: its runtime dependencies (`Requires-Dist` without
+    extras), read from the wheel's METADATA, so the list has one home (pyproject.toml)."""
+    from packaging.requirements import Requirement
+
+    version = metadata["Version"]
+    lines = [
+        f"# Written by `pmf push-space` from the metadata of {DISTRIBUTION_NAME} {version}: its runtime dependencies.",
+        f"# The package itself is not on the package index; its wheel is unpacked next to app.py ({PACKAGE_NAME}/),",
+        "# where `python app.py` imports it. Gradio comes from `sdk_version` in README.md.",
+    ]
+    for text in metadata.get_all("Requires-Dist") or []:
+        requirement = Requirement(text)
+        if requirement.marker is None or "extra" not in str(requirement.marker):
+            lines.append(str(requirement))
+    return "\n".join(lines) + "\n"
+
+
+def _space_sdk(readme: Path, stage: Path) -> str:
+    """The SDK of a Space README's YAML header; checks that its `app_file` is staged."""
+    from huggingface_hub import SpaceCard, constants
+
+    if not readme.is_file():
+        raise HubPushError(f"the Space app has no README.md (the Space configuration): {readme} is missing")
+    try:
+        data = SpaceCard(readme.read_text()).data
+    except Exception as error:
+        raise HubPushError(f"the YAML header of {readme} does not parse: {_first_line(error)}") from None
+    sdk = data.get("sdk")
+    if sdk not in constants.SPACES_SDK_TYPES:
+        raise HubPushError(f"{readme} must set `sdk:` to one of {', '.join(constants.SPACES_SDK_TYPES)} (found {sdk!r})")
+    app_file = data.get("app_file")
+    if sdk != "static" and not (app_file and (stage / app_file).is_file()):
+        raise HubPushError(f"{readme} names app_file {app_file!r}, which is not in the Space app folder")
+    return sdk
+
+
+def push_space_to_hub(
+    repo_id: str,
+    *,
+    app_dir: str | Path | None = None,
+    wheel: str | Path | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+    dry_run: bool = False,
+    endpoint: str | None = None,
+    staging_dir: str | Path | None = None,
+) -> PushResult:
+    """Publish the Gradio app (`spaces_app/` of the source checkout) to the Space `repo_id`, with the package inside.
+
+    pmf-diffusers is not on the package index, so the Space carries it: the package is built as a wheel (or `wheel`
+    is used) and unpacked next to `app.py` (`pmf_diffusers/` and its `.dist-info`), which `python app.py` imports;
+    `requirements.txt` is written from the wheel's runtime dependencies. The Space README (its YAML configuration)
+    and the app files are uploaded as they are. Everything is staged in a folder and uploaded in one commit.
+
+    Args:
+        repo_id: `namespace/name` of the Space (created with the README's SDK when it does not exist).
+        app_dir: The app folder; defaults to `spaces_app/` of the checkout this package is imported from.
+        wheel: A built pmf-diffusers wheel to ship; by default one is built from the checkout ([`build_wheel`]).
+        private: Create the Space private (ignored when it exists).
+        token: A Hub token; by default huggingface_hub's usual sources. Never printed or uploaded.
+        commit_message: Defaults to a message naming the package version.
+        dry_run: Stage everything and report the files, but send nothing (the files are still checked for a token).
+        endpoint: Hub endpoint; defaults to `HF_ENDPOINT` (read at call time), else https://huggingface.co.
+        staging_dir: Stage into this (new or empty) folder and keep it, e.g. to inspect a dry run.
+    """
+    from .loading import hub_offline
+
+    repo_id = check_repo_id(repo_id)
+    if endpoint is None:
+        endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or None
+    if not dry_run:
+        if hub_offline():
+            raise HubPushError("offline mode is on (HF_HUB_OFFLINE=1): unset it to push, or use a dry run")
+        token = resolve_token(token)
+    else:
+        token = _available_token(token)
+    checkout = source_checkout()
+    if app_dir is None:
+        if checkout is None:
+            raise HubPushError(
+                f"no Space app given and pmf_diffusers is not imported from a source checkout: pass the app folder "
+                f"({SPACE_APP_DIRNAME}/ of a clone of the repository)"
+            )
+        app_dir = checkout / SPACE_APP_DIRNAME
+    app_dir = Path(app_dir)
+    if not app_dir.is_dir():
+        raise HubPushError(f"the Space app folder {app_dir} does not exist")
+    if wheel is None and checkout is None:
+        raise HubPushError("pmf_diffusers is not imported from a source checkout: pass a built wheel (wheel=... / --wheel)")
+
+    if staging_dir is not None:
+        staging_dir = Path(staging_dir)
+        if staging_dir.exists() and any(staging_dir.iterdir()):
+            raise HubPushError(f"staging folder {staging_dir} is not empty")
+        staging_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        stage = staging_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pmf-space-")))
+        shutil.copytree(app_dir, stage, ignore=shutil.ignore_patterns(*SPACE_IGNORED), dirs_exist_ok=True)
+        sdk = _space_sdk(stage / CARD_FILENAME, stage)
+        if wheel is None:
+            wheel = build_wheel(checkout, stack.enter_context(tempfile.TemporaryDirectory(prefix="pmf-wheel-")))
+        metadata = _unpack_wheel(Path(wheel), stage)
+        (stage / REQUIREMENTS_FILENAME).write_text(space_requirements(metadata))
+        files = _list_files(stage)
+        check_no_token_in_files(stage, files, token)
+        dist_info = f"{PACKAGE_NAME}-{metadata['Version']}.dist-info"
+        result = PushResult(
+            repo_id=repo_id, files=files, card_kind="space", dry_run=dry_run, repo_type="space", space_sdk=sdk,
+            grouped=(PACKAGE_NAME, dist_info),
+        )
+        if not dry_run:
+            _upload(
+                stage, result, endpoint=endpoint, token=token, private=private,
+                commit_message=commit_message or f"Publish the pMF Space with {DISTRIBUTION_NAME} {metadata['Version']}",
+                # The package of an earlier push goes: no stale module or second .dist-info next to the new one.
+                delete_patterns=[f"{PACKAGE_NAME}/*", f"{PACKAGE_NAME}-*.dist-info/*"],
+            )
+        return result

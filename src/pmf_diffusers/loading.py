@@ -14,7 +14,6 @@ torch and diffusers are imported only when a pipeline is loaded, so light code c
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -108,12 +107,9 @@ def load_official(
                 f"`pmf convert {preset.name} OUTPUT_DIR`, or download {repo_id}/{preset.filename} and run "
                 f"`pmf convert {preset.filename} {folder} --preset {preset.name}`."
             ) from None
-        # Convert into a staging folder first, so an interrupted conversion never looks like a cached one.
-        staging = folder.with_name(folder.name + ".partial")
-        convert_checkpoint(checkpoint_path, staging, preset=preset, overwrite=True)
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
+        # convert_checkpoint saves next to the folder and moves model_index.json in last, so an interrupted conversion
+        # never looks like a cached one; overwrite replaces only the files of an earlier, interrupted conversion.
+        convert_checkpoint(checkpoint_path, folder, preset=preset, overwrite=True)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     return PMFPipeline.from_pretrained(folder, **kwargs)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 # Modules registered by `pmf_diffusers.cli`, in the order `pmf --help` lists them.
-COMMAND_MODULES = ("generate", "convert", "push", "eval", "toy")
+COMMAND_MODULES = ("generate", "convert", "push", "push_space", "eval", "toy")
 
 EXIT_OK = 0
 
@@ -41,7 +41,7 @@ def check_guidance_options(guidance_scale: float | None, guidance_interval: list
     try:
         check_guidance_settings(guidance_scale=guidance_scale)
     except ValueError:
-        raise CLIError(f"--guidance-scale must be ≥ 1 (1 = no guidance), got {guidance_scale:g}") from None
+        raise CLIError(f"--guidance-scale must be a finite number ≥ 1 (1 = no guidance), got {guidance_scale:g}") from None
     try:
         check_guidance_settings(guidance_interval=guidance_interval)
     except ValueError:

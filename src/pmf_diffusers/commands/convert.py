@@ -54,7 +54,11 @@ def add_parser(subparsers):
     )
     parser.add_argument("--repo-id", default=None, help=f"Hub repository for size names (default: {OFFICIAL_REPO_ID})")
     parser.add_argument("--revision", default=None, help="Hub revision for size names")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists and is not empty")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="write into a non-empty OUTPUT_DIR, replacing the files of an earlier conversion (model_index.json, "
+        "component configs and weights); other files are kept, and a folder holding CHECKPOINT is refused",
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -112,18 +116,33 @@ def _summary(pipe) -> str:
     )
 
 
+def _check_output_folder(output_dir: Path, overwrite: bool, checkpoint: Path | None = None) -> None:
+    from ..conversion import OutputFolderNotEmptyError, check_output_folder
+
+    try:
+        check_output_folder(output_dir, overwrite=overwrite, checkpoint=checkpoint)
+    except OutputFolderNotEmptyError:
+        raise CLIError(
+            f"output folder {str(output_dir)!r} exists and is not empty; pass --overwrite to replace the pipeline "
+            "files in it (other files are kept)"
+        ) from None
+
+
 def run(args) -> int:
+    from ..schedulers.scheduling_pmf import check_noise_scale
+
     output_dir = args.output_dir.expanduser()
     # Check the cheap things before any download or conversion.
-    if output_dir.exists() and not output_dir.is_dir():
-        raise CLIError(f"output {str(output_dir)!r} exists and is not a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not args.overwrite:
-        raise CLIError(f"output folder {str(output_dir)!r} exists and is not empty; pass --overwrite to replace it")
+    _check_output_folder(output_dir, args.overwrite)
     check_guidance_options(args.guidance_scale, args.guidance_interval)
-    if args.noise_scale is not None and not args.noise_scale > 0:
-        raise CLIError(f"--noise-scale must be > 0, got {args.noise_scale:g}")
+    if args.noise_scale is not None:
+        try:
+            check_noise_scale(args.noise_scale)
+        except ValueError:
+            raise CLIError(f"--noise-scale must be a finite number > 0, got {args.noise_scale:g}") from None
 
     checkpoint, preset = _resolve_checkpoint(args)
+    _check_output_folder(output_dir, args.overwrite, checkpoint)  # now that the checkpoint's path is known
 
     from ..conversion import convert_checkpoint
 

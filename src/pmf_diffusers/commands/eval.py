@@ -38,7 +38,7 @@ examples:
   # the same on every GPU of the machine (each process samples a shard)
   accelerate launch -m pmf_diffusers.cli eval --model ./pmf-b-16 --reference-stats jit_in256_stats.npz
 
-  # evaluate a folder of images generated elsewhere
+  # evaluate a folder of generated images (e.g. pmf generate output: the grids it writes are skipped)
   pmf eval --images samples/ --reference-stats jit_in256_stats.npz
 
   # reference statistics (mu, sigma, resolution) of a folder of real images

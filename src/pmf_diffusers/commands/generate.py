@@ -11,6 +11,9 @@ from pathlib import Path
 from ..official import OFFICIAL_PRESETS
 from . import EXIT_OK, CLIError, add_command_parser
 
+# The sample grid `pmf generate` writes next to the images (`pmf eval --images` skips files of this name).
+GRID_FILENAME = "grid.png"
+
 EPILOG = f"""\
 --model is one of
   * bundled (default): the small toy-shapes model shipped inside the package (10 classes, 32x32; works offline);
@@ -26,9 +29,11 @@ examples:
   pmf generate --model pMF-B/16 --class-labels "golden retriever" 360 --dtype bf16 --device cuda
   pmf generate --model ./pmf-b-16 --class-labels 207 --guidance-scale 7.5 --guidance-interval 0.1 0.8
   pmf generate --class-labels 0 --images-per-class 64 --compile   # many images on a CPU
+  pmf generate --output samples/ --overwrite               # into a folder that already holds images
+
+A non-empty --output folder needs --overwrite. pmf eval --images skips the {GRID_FILENAME} written here.
 """
 
-GRID_FILENAME = "grid.png"
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp16": "float16", "float16": "float16"}
 # Sub-batches that keep the activations cache-sized on a CPU (same images, faster for large batches).
@@ -62,16 +67,28 @@ def add_parser(subparsers):
              "compile time, later batches run faster; worth it for many images (docs/benchmarks.md)",
     )
     parser.add_argument("--output", type=Path, default=Path("samples"), help="folder for the PNGs")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="write into a non-empty --output folder (PNGs with the same names are replaced, other files kept)",
+    )
     parser.add_argument("--no-grid", action="store_true", help=f"do not write {GRID_FILENAME}")
     parser.add_argument("--no-images", action="store_true", help=f"only write {GRID_FILENAME}")
     parser.set_defaults(func=run)
     return parser
 
 
-def _parse_labels(labels: list[str] | None, num_classes: int) -> list[int | str]:
-    if labels is None:
-        return list(range(min(num_classes, 10)))
-    return [int(label) if label.strip().isdigit() else label for label in labels]
+def _default_labels(num_classes: int) -> list[int]:
+    return list(range(min(num_classes, 10)))
+
+
+def _check_output_folder(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise CLIError(f"--output {str(output)!r} exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise CLIError(
+            f"output folder {str(output)!r} is not empty; pass --overwrite to write into it (PNGs with the same names "
+            "are replaced) or choose another --output"
+        )
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -99,6 +116,9 @@ def run(args) -> int:
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
     check_guidance_settings(args.guidance_scale, args.guidance_interval)  # before any download
+    writes_files = not (args.no_images and args.no_grid)
+    if writes_files:
+        _check_output_folder(args.output, args.overwrite)
 
     # The command prints its own one-line summary; loading bars would bury it (and the one-line errors).
     diffusers_logging.disable_progress_bar()
@@ -114,9 +134,10 @@ def run(args) -> int:
         pipe.transformer.compile(dynamic=False)
         # Sampling only: constant weights let inductor pre-pack them and fold what depends on them alone.
         compile_context = inductor_config.patch(freezing=True)
-    label_ids = pipe.get_label_ids(_parse_labels(args.class_labels, pipe.num_classes))
+    # Ids ("207", "-1") and names are read by the pipeline's own rule (labels.resolve_class_labels).
+    label_ids = pipe.get_label_ids(args.class_labels or _default_labels(pipe.num_classes))
     label_ids = [label for label in label_ids for _ in range(args.images_per_class)]
-    if not args.no_images or not args.no_grid:
+    if writes_files:
         args.output.mkdir(parents=True, exist_ok=True)
 
     images, start = [], time.perf_counter()

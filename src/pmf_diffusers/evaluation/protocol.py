@@ -34,6 +34,7 @@ import PIL.Image
 import torch
 from diffusers.utils import logging
 
+from ..commands.generate import GRID_FILENAME
 from ..image_grid import image_grid
 from .config import DEFAULT_NUM_IMAGES, DEFAULT_SAMPLE_SEED, EvalConfig
 from .inception import FeatureExtractor, build_feature_extractor, feature_extractor_dims
@@ -115,13 +116,15 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # Image files
 # ----------------------------------------------------------------------------------------------------------------
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files under `folder` (recursively), sorted by relative path (so `00000.png` … keep sample order)."""
+def list_images(folder: str | Path, exclude: Sequence[str] = ()) -> list[Path]:
+    """Image files under `folder` (recursively), sorted by relative path (so `00000.png` … keep sample order);
+    files named in `exclude` are left out."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"Image folder {str(folder)!r} not found.")
     files = sorted(
-        (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
+        (p for p in folder.rglob("*")
+         if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and p.name not in exclude),
         key=lambda p: p.relative_to(folder).as_posix(),
     )
     if not files:
@@ -312,7 +315,11 @@ def _prepare_model(config: EvalConfig, device) -> dict[str, Any]:
 
 def _prepare_image_folder(config: EvalConfig) -> dict[str, Any]:
     generated = config.source == "images"
-    files = list_images(config.images if generated else config.compute_stats_from)
+    # The sample grids `pmf generate` writes next to its images are not samples.
+    if generated:
+        files = list_images(config.images, exclude=(GRID_FILENAME,))
+    else:
+        files = list_images(config.compute_stats_from)
     if config.num_images is not None:
         if config.num_images > len(files):
             raise ValueError(f"--num-images {config.num_images} but only {len(files)} images were found.")

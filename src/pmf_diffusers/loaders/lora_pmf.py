@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,26 @@ def _is_v_head_module(name: str) -> bool:
     return name.startswith(("v_head_blocks.", "v_proj_out.", "v_norm_out.")) or name in ("v_proj_out", "v_norm_out")
 
 
+def _linear_module_names(transformer: nn.Module) -> list[str]:
+    """Names of the plain `nn.Linear` modules, seen through peft wrappers (`x.base_layer` → `x`; LoRA A/B skipped)."""
+    names = []
+    for name, module in transformer.named_modules():
+        if not isinstance(module, nn.Linear) or ".lora_" in f".{name}":
+            continue
+        names.append(name.removesuffix(".base_layer"))
+    return names
+
+
+def _block_counts(module_names) -> dict[str, int]:
+    """{"transformer_blocks": depth, "u_head_blocks": depth, ...} as seen in a list of module names."""
+    counts: dict[str, int] = {}
+    for name in module_names:
+        match = re.match(r"(\w+_blocks)\.(\d+)\.", name)
+        if match:
+            counts[match.group(1)] = max(counts.get(match.group(1), 0), int(match.group(2)) + 1)
+    return counts
+
+
 def _check_base_model(saved: dict, transformer: nn.Module, source: str) -> None:
     current = pmf_base_model_info(transformer)
     mismatches = [
@@ -185,6 +206,203 @@ def _check_lora_shapes(state_dict: dict[str, torch.Tensor], transformer: nn.Modu
     return kept
 
 
+def _check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse NaN / infinite weights (a diverged or corrupted export would otherwise load without a word)."""
+    bad = [key for key, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise ValueError(
+            f"{source} has NaN or infinite values in {len(bad)} tensor(s), e.g. {', '.join(bad[:3])}: the file is "
+            "corrupt or comes from a diverged training run. Export the adapter again from a good checkpoint."
+        )
+
+
+def _check_adapter_covers_its_targets(
+    state_dict: dict[str, torch.Tensor], metadata: dict | None, transformer: nn.Module, prefix: str, source: str
+) -> None:
+    """Refuse an adapter whose peft config targets layers it has no weights for.
+
+    peft puts a LoRA layer on every module the saved config targets (`target_modules` are name suffixes such as
+    `attn.to_q`) and only warns when the file lacks weights for some of them. That happens when the adapter was
+    trained on a shallower base of the same width: the extra blocks would silently stay unadapted. v-head layers are
+    exempt (sampling never runs them, and `save_pmf_lora(include_v_head=False)` leaves them out on purpose).
+    """
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    config = {key.removeprefix(f"{prefix}."): value for key, value in (metadata or {}).items() if key.startswith(f"{prefix}.")}
+    if not config.get("target_modules"):
+        return  # without a saved config diffusers targets exactly the modules in the file
+    try:
+        lora_config = LoraConfig(**config)
+    except (TypeError, ValueError):
+        return  # diffusers builds the same config next and reports the problem itself
+    covered = {key.removeprefix(f"{prefix}.").split(".lora_")[0] for key in state_dict}
+    targeted = [name for name in _linear_module_names(transformer) if check_target_module_exists(lora_config, name)]
+    uncovered = [name for name in targeted if name not in covered and not _is_v_head_module(name)]
+    if not uncovered:
+        return
+    adapter_depths, model_depths = _block_counts(covered), _block_counts(targeted)
+    depths = "; ".join(
+        f"{group}: {adapter_depths.get(group, 0)} in the adapter, {count} in this model"
+        for group, count in model_depths.items()
+        if adapter_depths.get(group, 0) != count and not _is_v_head_module(f"{group}.0.")
+    )
+    raise ValueError(
+        f"The LoRA adapter {source} has no weights for {len(uncovered)} layer(s) its config targets in this model, "
+        f"e.g. {', '.join(uncovered[:3])}"
+        + (f" ({depths})" if depths else "")
+        + ": it was trained on a different (shallower) base model, and those layers would stay unadapted. Load it "
+        "into the base model it was trained on."
+    )
+
+
+def _warn_if_adapter_name_is_ambiguous(transformer: nn.Module, adapter_name: str) -> None:
+    """Warn when diffusers' substring key filter will confuse `adapter_name` with other adapters' weights.
+
+    diffusers picks the missing keys of the adapter being loaded with `adapter_name in key`, so a name that occurs
+    inside other weights' names ("b" is in "transformer_blocks", "a" in "attn") makes it list every weight of the
+    adapters already loaded as missing. The adapter itself loads correctly (peft matches names exactly), so this
+    warns with the fix instead of refusing names that work.
+    """
+    clashes = []
+    for name, _ in transformer.named_parameters():
+        if ".lora_" in name and adapter_name in name:
+            owner = name.split(".lora_", 1)[1].split(".")[1]  # `<module>.lora_A.<adapter>.weight`
+            if owner != adapter_name:
+                clashes.append(name)
+    if not clashes:
+        return
+    suggestion = next(
+        (
+            candidate
+            for candidate in (f"{adapter_name}_lora", f"adapter_{adapter_name}", f"pmf_adapter_{adapter_name}_")
+            if not any(candidate in name for name, _ in transformer.named_parameters())
+        ),
+        f"{adapter_name}_lora",
+    )
+    logger.warning(
+        f"Adapter name {adapter_name!r} occurs inside the names of other adapters' weights (e.g. {clashes[0]!r}). "
+        "diffusers selects an adapter's keys by substring (`adapter_name in key`), so it will list those weights as "
+        f"'missing keys' of {adapter_name!r}; that warning is false and the adapter loads correctly. To avoid it, "
+        f"use a name that occurs in no parameter name, e.g. adapter_name={suggestion!r}."
+    )
+
+
+# Non-diffusers LoRA layouts (kohya / sd-scripts and similar trainers): how a key ends, and which part it is.
+_LORA_KEY_SUFFIXES = {
+    ".lora_down.weight": "lora_A",
+    ".lora_up.weight": "lora_B",
+    ".lora.down.weight": "lora_A",
+    ".lora.up.weight": "lora_B",
+    ".lora_A.weight": "lora_A",
+    ".lora_B.weight": "lora_B",
+    ".alpha": "alpha",
+}
+# Prefixes other trainers put before the module name (kohya's flattened `lora_unet_…`, ComfyUI's `diffusion_model.`,
+# peft's `base_model.model.`, the official pMF checkpoints' `net.`).
+_NON_DIFFUSERS_PREFIXES = ("lora_unet_", "lora_transformer_", "diffusion_model.", "base_model.model.", "net.")
+
+
+def _is_diffusers_lora(state_dict: dict[str, torch.Tensor], prefix: str) -> bool:
+    return all(
+        key.startswith(f"{prefix}.") and not key.endswith(".alpha") and "lora_down" not in key and "lora_up" not in key
+        and ".lora.down" not in key and ".lora.up" not in key
+        for key in state_dict
+    )
+
+
+def _convert_non_diffusers_lora(
+    state_dict: dict[str, torch.Tensor], transformer: nn.Module, prefix: str, source: str
+) -> dict[str, torch.Tensor]:
+    """Convert kohya-style keys (`lora_down` / `lora_up` / `alpha`, module names flattened with `_`) and the official
+    pMF module names to this model's diffusers keys (`<prefix>.<module>.lora_A/B.weight`); raise naming the keys that
+    match no layer of the model.
+
+    The kohya scale alpha / rank is folded into the two factors the way diffusers' kohya converters do (see
+    `diffusers.loaders.lora_conversion_utils`), so the adapter loads with peft's default scale 1.
+    """
+    from ..conversion import official_key_to_diffusers
+
+    linear_names = set(_linear_module_names(transformer))
+    flattened = {name.replace(".", "_"): name for name in linear_names}
+
+    def module_for(stem: str) -> str | None:
+        while True:
+            stripped = next((stem[len(p) :] for p in (f"{prefix}.", *_NON_DIFFUSERS_PREFIXES) if stem.startswith(p)), None)
+            if stripped is None:
+                break
+            stem = stripped
+        if stem in linear_names:
+            return stem
+        if stem in flattened:
+            return flattened[stem]
+        official = official_key_to_diffusers(f"{stem}.weight")  # a LoRA trained on the official pMF network
+        official = official.removesuffix(".weight") if official else None
+        return official if official in linear_names else None
+
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, value in state_dict.items():
+        suffix = next((suffix for suffix in _LORA_KEY_SUFFIXES if key.endswith(suffix)), None)
+        module = module_for(key[: -len(suffix)]) if suffix else None
+        if module is None:
+            unknown.append(key)
+        else:
+            parts.setdefault(module, {})[_LORA_KEY_SUFFIXES[suffix]] = value
+    incomplete = sorted(module for module, found in parts.items() if not {"lora_A", "lora_B"} <= found.keys())
+    if unknown or incomplete:
+        example = sorted(linear_names)[0] if linear_names else "transformer_blocks.0.attn.to_q"
+        problem = (
+            f"{len(unknown)} key(s) that match no layer of this model, e.g. {', '.join(unknown[:3])}"
+            if unknown
+            else f"layers with only one of the two LoRA factors, e.g. {', '.join(incomplete[:3])}"
+        )
+        raise ValueError(
+            f"The LoRA file {source} has {problem}. Readable layouts: diffusers/peft keys "
+            f"(`{prefix}.{example}.lora_A.weight`), kohya keys (`lora_unet_{example.replace('.', '_')}.lora_down.weight`, "
+            "`.lora_up.weight`, `.alpha`) and the official pMF module names."
+        )
+
+    converted = {}
+    for module, found in parts.items():
+        down, up = found["lora_A"], found["lora_B"]
+        rank = down.shape[0]
+        alpha = float(found["alpha"].item()) if "alpha" in found else float(rank)  # kohya: no alpha means alpha = rank
+        # Split alpha / rank between the factors like diffusers' converters, so neither changes much in magnitude.
+        scale_down, scale_up = alpha / rank, 1.0
+        while scale_down * 2 < scale_up:
+            scale_down *= 2
+            scale_up /= 2
+        converted[f"{prefix}.{module}.lora_A.weight"] = down * scale_down
+        converted[f"{prefix}.{module}.lora_B.weight"] = up * scale_up
+    logger.info(f"Converted {len(converted) // 2} non-diffusers LoRA layers from {source}.")
+    return converted
+
+
+def _lora_file_description(path_or_repo: str, kwargs: dict) -> str:
+    """The LoRA weights file to name in errors: the file itself, or the file inside a folder or Hub repo."""
+    if os.path.isfile(path_or_repo):
+        return repr(path_or_repo)
+    candidate = os.path.join(path_or_repo, kwargs.get("subfolder") or "", kwargs.get("weight_name") or LORA_WEIGHT_NAME_SAFE)
+    if os.path.isdir(path_or_repo) and not os.path.isfile(candidate):
+        return repr(path_or_repo)  # diffusers picked another single .safetensors file of the folder
+    return repr(candidate)
+
+
+def _read_sidecar(path: str) -> dict:
+    try:
+        sidecar = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"The adapter config {path} is not valid JSON ({error}): restore it from the export.") from None
+    if not isinstance(sidecar, dict) or sidecar.get("format") != ADAPTER_FORMAT:
+        found = sidecar.get("format") if isinstance(sidecar, dict) else type(sidecar).__name__
+        raise ValueError(f"{path} is not a pmf-diffusers adapter config (format {found!r}).")
+    for field in ("base_model", "class_embeddings", "id2label"):
+        if sidecar.get(field) is not None and not isinstance(sidecar[field], dict):
+            raise ValueError(f"The adapter config {path}: `{field}` must be an object or null, got {sidecar[field]!r}.")
+    return sidecar
+
+
 def _locate_sidecar_file(path_or_repo: str, filename: str, kwargs: dict) -> str | None:
     """Local path of an adapter sidecar file next to the LoRA file (local folder, file, or Hub repo), or None."""
     subfolder = kwargs.get("subfolder") or ""
@@ -216,10 +434,15 @@ def _read_adapter_files(path_or_repo: str, kwargs: dict, source: str):
     """(sidecar dict or None, class table or None, id2label or None, new_label_set) — validated, nothing applied."""
     sidecar_path = _locate_sidecar_file(path_or_repo, ADAPTER_CONFIG_NAME, kwargs)
     if sidecar_path is None:
+        # The table alone would be ignored: the adapter would silently sample the base model's classes.
+        if _locate_sidecar_file(path_or_repo, CLASS_EMBEDDINGS_NAME, kwargs) is not None:
+            raise ValueError(
+                f"The adapter {source} has {CLASS_EMBEDDINGS_NAME} (a new class table) but no {ADAPTER_CONFIG_NAME}, "
+                "which says how to use it (class count, names, base model). Copy the complete adapter folder as "
+                f"exported, or delete {CLASS_EMBEDDINGS_NAME} to load the LoRA onto the base model's classes."
+            )
         return None, None, None, False
-    sidecar = json.loads(Path(sidecar_path).read_text(encoding="utf-8"))
-    if sidecar.get("format") != ADAPTER_FORMAT:
-        raise ValueError(f"{sidecar_path} is not a pmf-diffusers adapter config (format {sidecar.get('format')!r}).")
+    sidecar = _read_sidecar(sidecar_path)
     table, id2label = None, sidecar.get("id2label")
     table_info = sidecar.get("class_embeddings")
     if table_info:
@@ -234,6 +457,7 @@ def _read_adapter_files(path_or_repo: str, kwargs: dict, source: str):
         if CLASS_EMBEDDINGS_KEY not in tensors:
             raise ValueError(f"{table_path} has no `{CLASS_EMBEDDINGS_KEY}` tensor (keys: {sorted(tensors)}).")
         table = tensors[CLASS_EMBEDDINGS_KEY]
+        _check_finite(tensors, f"The class table {table_path}")
         declared = table_info.get("num_classes")
         if declared is not None and declared != table.shape[0] - 1:
             raise ValueError(
@@ -378,10 +602,20 @@ class PMFLoraLoaderMixin(LoraBaseMixin):
         kwargs["return_lora_metadata"] = True
         state_dict, metadata = self.lora_state_dict(pretrained_model_name_or_path_or_dict, **kwargs)
 
+        if not isinstance(pretrained_model_name_or_path_or_dict, dict):
+            source = _lora_file_description(str(pretrained_model_name_or_path_or_dict), kwargs)
+        if not _is_diffusers_lora(state_dict, self.transformer_name):
+            state_dict = _convert_non_diffusers_lora(state_dict, transformer, self.transformer_name, source)
         is_correct_format = all("lora" in key for key in state_dict.keys())
         if not is_correct_format:
-            raise ValueError("Invalid LoRA checkpoint. Make sure all LoRA param names contain `'lora'` substring.")
+            raise ValueError(f"Invalid LoRA checkpoint {source}: every key of a LoRA file must contain 'lora'.")
+        _check_finite(state_dict, f"The LoRA file {source}")
         state_dict = _check_lora_shapes(state_dict, transformer, self.transformer_name, source)
+        _check_adapter_covers_its_targets(state_dict, metadata, transformer, self.transformer_name, source)
+        if not hotswap:
+            from diffusers.utils.peft_utils import get_adapter_name
+
+            _warn_if_adapter_name_is_ambiguous(transformer, adapter_name or get_adapter_name(transformer))
 
         adapters_before = set(getattr(transformer, "peft_config", {}) or {})
         try:

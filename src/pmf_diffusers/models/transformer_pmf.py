@@ -27,6 +27,8 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.peft_utils import apply_lora_scale
 from diffusers.utils.torch_utils import maybe_allow_in_graph
 
+from ..loaders.single_file import PMFFromOriginalModelMixin
+
 
 @dataclass
 class PMFTransformer2DModelOutput(BaseOutput):
@@ -251,7 +253,7 @@ class PMFScalarEmbedder(nn.Module):
         return self.embedder(self.time_proj(scalar).to(dtype))
 
 
-class PMFTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
+class PMFTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin, PMFFromOriginalModelMixin):
     r"""
     The pixel MeanFlow transformer (official `pmfDiT`).
 

@@ -1,6 +1,7 @@
 # Copyright 2026 The pmf-diffusers developers. MIT License.
 """PMFScheduler: the pixel MeanFlow sampler (uniform t = 1 → 0 in N steps, x-prediction → average velocity)."""
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -8,6 +9,19 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
+
+
+def check_noise_scale(noise_scale: float) -> float:
+    """Raise a one-line `ValueError` unless `noise_scale` is a finite number > 0; returns it as a float.
+
+    The one place this rule lives: the scheduler, `pmf convert` and the conversion helpers call it."""
+    try:
+        value = float(noise_scale)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(noise_scale, bool) or not (0.0 < value < math.inf):  # the comparisons also reject NaN
+        raise ValueError(f"`noise_scale` must be a finite number > 0, got {noise_scale!r}.")
+    return value
 
 
 @dataclass
@@ -44,6 +58,7 @@ class PMFScheduler(SchedulerMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, noise_scale: float = 1.0, min_time: float = 0.05):
+        check_noise_scale(noise_scale)  # an inf/NaN/0 scale would give an all-black or all-NaN image
         self.init_noise_sigma = noise_scale
         self.num_inference_steps = None
         self.sigmas = None

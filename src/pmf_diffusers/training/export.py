@@ -2,9 +2,9 @@
 """What a training run (`examples/train_pmf.py`) leaves behind: sample grids, the (EMA) weights as a `PMFPipeline`
 folder or as a LoRA adapter folder, and the facts of the run for their model cards (rendered by `pmf_diffusers.hub`).
 
-Gathering is separate from writing: [`gather_state_dict`] is collective (under FSDP2 every process holds a shard),
-the `save_*` functions run on the main process only. Folders are written next to their destination and renamed
-when complete, so an interrupted export never replaces a good one.
+The `save_*` functions run on the main process only (gather sharded weights first with
+`pmf_diffusers.training.distributed.gather_state_dict`, which is collective). Folders are written next to their
+destination and renamed when complete, so an interrupted export never replaces a good one.
 """
 
 from __future__ import annotations
@@ -15,34 +15,15 @@ import shutil
 from pathlib import Path
 
 import torch
-from diffusers.utils import logging
-
-logger = logging.get_logger(__name__)
 
 __all__ = [
     "ema_weights",
-    "full_tensor",
-    "gather_state_dict",
     "lora_adapter_card",
     "save_lora_adapter",
     "save_pipeline",
     "save_sample_grid",
     "training_card_info",
-    "unwrap_model",
 ]
-
-
-def unwrap_model(accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model behind accelerate's wrappers (DDP, FSDP) and `torch.compile`."""
-    model = accelerator.unwrap_model(model)
-    return getattr(model, "_orig_mod", model)
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor behind an FSDP2 shard (collective: every process must call it), else the tensor itself."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 @contextlib.contextmanager
@@ -58,23 +39,6 @@ def ema_weights(ema, parameters: list[torch.nn.Parameter], key: str | None):
         yield
     finally:
         ema.restore(parameters)
-
-
-def gather_state_dict(accelerator, model: torch.nn.Module, ema=None, ema_key: str | None = None):
-    """The weights (with the EMA `ema_key` applied) as full fp32 CPU tensors on the main process, None elsewhere.
-
-    Collective: call it on every process; under FSDP the weights and the EMA shadows are gathered from the shards.
-    The EMA must track every parameter (full training, not LoRA)."""
-    state_dict = accelerator.get_state_dict(model)
-    shadows = [full_tensor(s) for s in ema[ema_key].shadow_params] if ema is not None and ema_key is not None else None
-    if not accelerator.is_main_process:
-        return None
-    state_dict = {k: v.detach().float().cpu().clone() for k, v in state_dict.items()}
-    if shadows is not None:
-        names = [name for name, _ in unwrap_model(accelerator, model).named_parameters()]
-        for name, shadow in zip(names, shadows):
-            state_dict[name] = shadow.detach().float().cpu().clone()
-    return state_dict
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ from ..loaders.lora_pmf import (
     _check_lora_shapes,
     _install_class_table,
     _is_v_head_module,
+    _linear_module_names,
     pmf_base_model_info,
 )
 
@@ -61,16 +62,6 @@ weights are ignored at inference (and dropped when the adapter is loaded into a 
 as the released checkpoints). The patch-embedding convolutions and the class table are never LoRA targets (the
 table is trained in full when needed, see [`replace_class_table`]).
 """
-
-
-def _linear_module_names(transformer: nn.Module) -> list[str]:
-    """Names of the plain `nn.Linear` modules, seen through peft wrappers (`x.base_layer` → `x`; LoRA A/B skipped)."""
-    names = []
-    for name, module in transformer.named_modules():
-        if not isinstance(module, nn.Linear) or ".lora_" in f".{name}":
-            continue
-        names.append(name.removesuffix(".base_layer"))
-    return names
 
 
 def _generic_name(name: str) -> str:

@@ -7,7 +7,6 @@
   320 epochs, sampling ω and interval of the release, and the EMA the official evaluation used for that size
   (docs/algorithm.md, "Released sizes").
 * ``toy-cpu`` — a 32×32 model sized for a short CPU run on the toy shapes dataset.
-* ``tiny-test`` — a very small 16×16 model for tests.
 
 Every value can be overridden (the training script exposes one flag per field).
 """
@@ -126,36 +125,6 @@ TRAINING_PRESETS["toy-cpu"] = TrainingPreset(
     max_train_steps=1500,
     validation_steps=250,
     checkpointing_steps=500,
-)
-TRAINING_PRESETS["tiny-test"] = TrainingPreset(
-    name="tiny-test",
-    description="16px, patch 4, hidden 32, trunk 1 + heads 1: for tests only",
-    model={
-        "sample_size": 16,
-        "patch_size": 4,
-        "num_layers": 1,
-        "num_head_layers": 1,
-        "num_attention_heads": 2,
-        "attention_head_dim": 16,
-        "mlp_hidden_dim": 64,
-        "bottleneck_dim": 16,
-        "frequency_embedding_dim": 32,
-        "num_class_tokens": 2,
-        "num_guidance_tokens": 1,
-        "num_interval_tokens": 1,
-        "num_time_tokens": 1,
-        "with_v_head": True,
-    },
-    loss=PMFLossConfig(p_mean=0.0, p_std=1.0, **_SMALL_LOSS),
-    global_batch_size=8,
-    learning_rate=3e-3,
-    export_ema_kimg=500.0,
-    guidance_scale=1.0,
-    guidance_interval=(0.0, 1.0),
-    num_train_epochs=1,
-    max_train_steps=20,
-    validation_steps=1000,
-    checkpointing_steps=1000,
 )
 
 
