@@ -159,6 +159,10 @@ def export_bundled(pipe, pipeline_dir: Path, train_dir: Path, target: Path, repo
         resolution=pipe.transformer.config.sample_size,
         num_classes=pipe.transformer.config.num_classes,
         num_parameters=report["num_parameters"],
+        # the sampling-settings table states what the saved pipeline really uses
+        guidance_scale=pipe.config.default_guidance_scale,
+        guidance_interval=list(pipe.config.default_guidance_interval),
+        noise_scale=pipe.scheduler.config.noise_scale,
         training_steps=training_args.get("max_train_steps"),
         recipe={key: value for key, value in training_args.items() if not isinstance(value, (dict, list))},
         command=report["card_command"] or training_args.get("command", ""),

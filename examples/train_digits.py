@@ -147,16 +147,21 @@ def save_comparison_grid(samples, sample_labels: np.ndarray, real_images: np.nda
     """Rows = classes: ``columns`` samples, a grey separator, then ``columns`` real held-out digits."""
     from diffusers.utils import make_image_grid
 
-    size = real_images.shape[-1]
+    size = real_images.shape[-1] + 2
     separator = Image.new("RGB", (size, size), (128, 128, 128))
+
+    def framed(image: Image.Image) -> Image.Image:  # a 1-pixel dark frame keeps neighbouring digits apart
+        tile = Image.new("RGB", (size, size), (48, 48, 48))
+        tile.paste(image.convert("RGB"), (1, 1))
+        return tile
+
     tiles = []
     for class_id in np.unique(real_labels):
-        generated = samples[np.flatnonzero(sample_labels == class_id)[:columns]]
-        for image in generated:
+        for image in samples[np.flatnonzero(sample_labels == class_id)[:columns]]:
             array = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            tiles.append(Image.fromarray(array))
+            tiles.append(framed(Image.fromarray(array)))
         tiles.append(separator)
-        tiles += [Image.fromarray(real).convert("RGB") for real in real_images[np.flatnonzero(real_labels == class_id)[:columns]]]
+        tiles += [framed(Image.fromarray(real)) for real in real_images[np.flatnonzero(real_labels == class_id)[:columns]]]
     rows = len(np.unique(real_labels))
     grid = make_image_grid(tiles, rows=rows, cols=2 * columns + 1)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,10 +20,12 @@ import math
 import os
 import random
 import re
+import shutil
 import socket
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -62,6 +64,9 @@ MAX_STEPS = 4
 MIN_GUIDANCE, MAX_GUIDANCE = 1.0, 20.0  # the slider's range; ω ≥ 1 is the pipeline's rule (check_guidance_settings)
 MAX_SEED = 2**31 - 1
 GRID_MIN_TILE = 128  # small models (32×32) are upscaled (nearest) in the downloadable grid so they stay visible
+# Generated PNGs (gallery images and grids) kept on disk for the browser and API clients to fetch; the oldest
+# requests' files are deleted first. A full request (32 images and their grid) of a 256×256 model is ~10 MB.
+MAX_OUTPUT_BYTES = 256 * 1024**2
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Example rows for the official sizes: the classes the official evaluation samples (golden retriever, otter, …).
@@ -323,6 +328,58 @@ def validate_request(seed, randomize_seed, guidance_scale, guidance_min, guidanc
     return seed, guidance_scale, guidance_interval, num_steps, images_per_class
 
 
+class OutputStore:
+    """The Space's generated files, capped at `max_bytes` on disk.
+
+    Each request's gallery images and grid go into one sub-folder of a per-process folder inside Gradio's cache
+    (`GRADIO_TEMP_DIR`); Gradio serves files that already lie in its cache in place, without a second copy. After
+    each request the oldest requests' folders are deleted until the total fits `max_bytes` (the newest request is
+    always kept, even if it alone is larger). The folder is removed when the demo is garbage-collected or the
+    process exits. Gradio's own `delete_cache=(frequency, age)` deletes by age only, which bounds nothing under a
+    burst of requests.
+    """
+
+    def __init__(self, max_bytes: int = MAX_OUTPUT_BYTES):
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        from gradio.utils import get_upload_folder  # the cache folder Gradio's components serve from
+
+        parent = Path(get_upload_folder())
+        parent.mkdir(parents=True, exist_ok=True)
+        self.directory = Path(tempfile.mkdtemp(prefix="pmf_space_", dir=parent))
+        self.max_bytes = max_bytes
+        self._sizes: OrderedDict[Path, int] = OrderedDict()  # request folder -> bytes, oldest first
+        self._count = 0
+        self._lock = threading.Lock()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def save(self, images, grid, stem: str) -> tuple[list[str], str]:
+        """Write the images and the grid as PNGs; returns (image paths, grid path)."""
+        with self._lock:
+            self._count += 1
+            folder = self.directory / f"{self._count:08d}"
+        folder.mkdir()
+        paths = []
+        for index, image in enumerate(images):
+            paths.append(folder / f"{index:02d}.png")
+            image.save(paths[-1], format="PNG")
+        grid_path = folder / f"{stem}.png"
+        grid.save(grid_path, format="PNG")
+        size = sum(path.stat().st_size for path in (*paths, grid_path))
+        with self._lock:
+            self._sizes[folder] = size
+            while self.total_bytes > self.max_bytes and len(self._sizes) > 1:
+                oldest = next(iter(self._sizes))
+                if oldest == folder:
+                    break
+                del self._sizes[oldest]
+                shutil.rmtree(oldest, ignore_errors=True)
+        return [str(path) for path in paths], str(grid_path)
+
+
 _REGISTRIES: dict[int, ModelRegistry] = {}  # module level: a ZeroGPU worker (a fork) finds the loaded pipelines here
 
 
@@ -355,11 +412,13 @@ def build_demo(
     models: Mapping[str, ModelSource] | None = None,
     max_loaded: int = 2,
     registry: ModelRegistry | None = None,
+    max_output_bytes: int = MAX_OUTPUT_BYTES,
 ) -> gr.Blocks:
     """The Space UI. `models` maps a model name to a source of `pmf_diffusers.loading.load_pipeline` ("bundled", an
     official size name, a pipeline folder, a Hub repo id) or a loader callable (default: `default_models()`);
     `default_model` is loaded before the UI is built. Pass `registry` instead of `models` / `max_loaded` to serve
-    the pipelines of an existing [`ModelRegistry`] (e.g. one shared by several demos)."""
+    the pipelines of an existing [`ModelRegistry`] (e.g. one shared by several demos). Generated files take at most
+    `max_output_bytes` of disk (see [`OutputStore`])."""
     if registry is None:
         registry = ModelRegistry(models if models is not None else default_models(), max_loaded=max_loaded)
     elif models is not None:
@@ -368,7 +427,7 @@ def build_demo(
         raise ValueError(f"default_model {default_model!r} is not one of {list(registry.sources)}.")
     first = registry.get(default_model)
     _REGISTRIES[id(registry)] = registry
-    grid_dir = Path(tempfile.mkdtemp(prefix="pmf_space_"))
+    outputs = OutputStore(max_output_bytes)
     is_imagenet = lambda pipe: pipe.num_classes == OFFICIAL_NUM_CLASSES and bool(pipe.id2label)  # noqa: E731
 
     def model_facts(name: str, pipe: PMFPipeline) -> str:
@@ -412,15 +471,18 @@ def build_demo(
         except Exception as error:  # noqa: BLE001
             raise gr.Error(f"Generation failed: {type(error).__name__}: {error}") from None
         names = {class_id: pipe.id2label.get(class_id, "unconditional").split(",")[0] for class_id in ids}
-        gallery = [(image, f"{label}: {names[label]} · seed {s}") for image, label, s in zip(images, labels, seeds)]
-        grid_path = grid_dir / f"pmf_{re.sub(r'[^A-Za-z0-9]+', '-', model)}_seed{seed}_{time.time_ns()}.png"
-        image_grid(images, columns=per_class, min_tile=GRID_MIN_TILE).save(grid_path)
+        image_paths, grid_path = outputs.save(
+            images,
+            image_grid(images, columns=per_class, min_tile=GRID_MIN_TILE),
+            stem=f"pmf_{re.sub(r'[^A-Za-z0-9]+', '-', model)}_seed{seed}",
+        )
+        gallery = [(path, f"{label}: {names[label]} · seed {s}") for path, label, s in zip(image_paths, labels, seeds)]
         timing = (
             f"{len(images)} image(s) in {seconds:.3f} s → {1000 * seconds / len(images):.1f} ms per image "
             f"({num_steps} step{'s' if num_steps > 1 else ''}, ω = {omega:g}, interval [{interval[0]:g}, "
             f"{interval[1]:g}], {model} on {pipe.device.type}, seed {seed})"
         )
-        return gallery, str(grid_path), timing, seed
+        return gallery, grid_path, timing, seed
 
     def load_model(name, active):
         """Generator: reports progress while a model loads in the queue; the previous model stays usable."""
@@ -556,6 +618,7 @@ def build_demo(
         )
 
     demo.queue(default_concurrency_limit=1, max_size=32)
+    weakref.finalize(demo, shutil.rmtree, outputs.directory, True)  # also runs at interpreter exit
     return demo
 
 

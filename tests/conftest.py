@@ -92,6 +92,17 @@ def make_pipeline(name: str, with_v_head: bool = True, **kwargs):
     return pipe
 
 
+@pytest.fixture(autouse=True, scope="session")
+def diffusers_logs_reach_caplog():
+    """pmf_diffusers loggers hang under diffusers' library logger, which does not propagate by default; pytest's
+    caplog listens on the root logger."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.enable_propagation()
+    yield
+    diffusers_logging.disable_propagation()
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """Run a module's tiny-model tests on one intra-op thread (restored afterwards).

@@ -1,6 +1,10 @@
 """The bundled default model: loads offline from the package and its one-step samples are recognised by the
 independent toy classifier (trained here on real toy images only)."""
 
+import inspect
+import json
+import re
+
 import torch
 
 from pmf_diffusers import PMFPipeline, bundled_model_path, load_bundled_pipeline
@@ -18,6 +22,34 @@ def test_bundled_model_is_small_safetensors_with_a_card():
     pipe = load_bundled_pipeline()
     assert isinstance(pipe, PMFPipeline) and pipe.transformer.config.num_classes == len(TOY_CLASS_NAMES)
     assert pipe.get_label_ids(["red circle", "purple_star"]) == [0, 9]
+
+
+def _card_table_rows(card: str, heading: str) -> list[list[str]]:
+    """The body rows of the first Markdown table under `## heading`, as lists of cell texts."""
+    section = card.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip().strip("|").split("|") for line in section.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in row] for row in rows[2:]]  # skip the header and the |---| line
+
+
+def test_bundled_card_states_the_folders_real_settings():
+    """The card's tables say what the folder's configs and weights are (the card once said ω 1 while
+    model_index.json said 2.0)."""
+    folder = bundled_model_path()
+    card = (folder / "README.md").read_text()
+    pipeline_config = json.loads((folder / "model_index.json").read_text())
+    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+
+    [[steps, omega, interval, noise_scale]] = _card_table_rows(card, "Sampling settings")
+    t_min, t_max = (float(value) for value in re.fullmatch(r"\[(.+), (.+)\]", interval).groups())
+    assert int(steps) == inspect.signature(PMFPipeline.__call__).parameters["num_inference_steps"].default
+    assert float(omega) == pipeline_config["default_guidance_scale"]
+    assert [t_min, t_max] == pipeline_config["default_guidance_interval"]
+    assert float(noise_scale) == scheduler_config["noise_scale"]
+
+    training = dict(_card_table_rows(card, "Training"))
+    pipe = load_bundled_pipeline()
+    num_parameters = sum(parameter.numel() for parameter in pipe.transformer.parameters())
+    assert f"({num_parameters:,})" in training["parameters (inference)"]
 
 
 def test_bundled_samples_are_recognised_by_the_independent_judge():

@@ -77,7 +77,9 @@ def test_convert_local_checkpoint(tmp_path, capsys, tiny_checkpoint):
     assert f"Wrote PMFPipeline to {output}" in out
     assert "32x32 px, patch 8, hidden 64, 2+2 blocks, 0.3M params (329,472), 10 classes" in out
     index = json.loads((output / "model_index.json").read_text())
-    assert index["_class_name"] == "PMFPipeline" and index["default_guidance_scale"] == 7.5
+    class_name = index["_class_name"]  # "PMFPipeline", or diffusers' list form [module, "PMFPipeline"]
+    assert (class_name[-1] if isinstance(class_name, list) else class_name) == "PMFPipeline"
+    assert index["default_guidance_scale"] == 7.5
 
     pipe = PMFPipeline.from_pretrained(output)
     pipe.set_progress_bar_config(disable=True)
@@ -117,7 +119,7 @@ def test_convert_errors(tmp_path, capsys, tiny_checkpoint):
     code, _, err = _run(capsys, "convert", str(tiny_checkpoint), str(tmp_path / "e"), "--preset", "pMF-XL/2")
     _assert_one_line_error(code, err, "Unknown pMF size 'pMF-XL/2'")
     code, _, err = _run(capsys, "convert", str(tiny_checkpoint), str(tmp_path / "e"), "--guidance-scale", "0.5")
-    _assert_one_line_error(code, err, "--guidance-scale must be ≥ 1")
+    _assert_one_line_error(code, err, "--guidance-scale must be a finite number ≥ 1")
     code, _, err = _run(capsys, "convert", str(tiny_checkpoint), str(tmp_path / "e"), "--guidance-interval", "0.8", "0.2")
     _assert_one_line_error(code, err, "--guidance-interval")
     code, _, err = _run(capsys, "convert", str(tiny_checkpoint))
@@ -129,6 +131,48 @@ def test_convert_errors(tmp_path, capsys, tiny_checkpoint):
     code, _, err = _run(capsys, "frobnicate")
     _assert_one_line_error(code, err, "invalid choice")
     assert not (tmp_path / "e").exists()
+
+
+@needs_reference
+def test_convert_overwrite_keeps_the_input_and_foreign_files(tmp_path, capsys, tiny_checkpoint):
+    """Issue 12, item 3: `pmf convert CKPT DIR --overwrite` used to delete DIR, the checkpoint inside it included."""
+    import shutil
+
+    from pmf_diffusers import PMFPipeline
+
+    checkpoint = tmp_path / "work" / "tinyA.pt"
+    checkpoint.parent.mkdir()
+    shutil.copyfile(tiny_checkpoint, checkpoint)
+    data = checkpoint.read_bytes()
+    code, _, err = _run(capsys, "convert", str(checkpoint), str(checkpoint.parent), "--overwrite")
+    _assert_one_line_error(code, err, "contains the checkpoint", "another folder")
+    assert checkpoint.read_bytes() == data
+
+    output = tmp_path / "out"
+    assert _run(capsys, "convert", str(checkpoint), str(output))[0] == 0
+    (output / "notes.txt").write_text("mine")
+    code, out, err = _run(capsys, "convert", str(checkpoint), str(output), "--noise-scale", "2", "--overwrite")
+    assert code == 0, err
+    assert (output / "notes.txt").read_text() == "mine" and checkpoint.read_bytes() == data
+    assert PMFPipeline.from_pretrained(output).scheduler.config.noise_scale == 2.0
+
+
+@needs_reference
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--noise-scale", "inf"], "--noise-scale must be a finite number > 0, got inf"),
+        (["--noise-scale", "nan"], "--noise-scale must be a finite number > 0, got nan"),
+        (["--guidance-scale", "inf"], "--guidance-scale must be a finite number ≥ 1"),
+        (["--guidance-scale", "nan"], "--guidance-scale must be a finite number ≥ 1"),
+        (["--guidance-interval", "0.1", "nan"], "--guidance-interval A B must satisfy"),
+    ],
+)
+def test_convert_refuses_non_finite_settings(tmp_path, capsys, tiny_checkpoint, option, message):
+    """Issue 12, item 9: `--noise-scale inf` used to write `Infinity` into the scheduler config."""
+    code, _, err = _run(capsys, "convert", str(tiny_checkpoint), str(tmp_path / "out"), *option)
+    _assert_one_line_error(code, err, message)
+    assert not (tmp_path / "out").exists()
 
 
 @needs_reference

@@ -24,7 +24,6 @@ from pmf_diffusers import PMFPipeline, PMFScheduler, PMFTransformer2DModel
 from pmf_diffusers.cli import main
 from pmf_diffusers.hub import (
     CITATION,
-    SHIM_SOURCE,
     HubPushError,
     _card_context,
     check_model_card,
@@ -32,16 +31,19 @@ from pmf_diffusers.hub import (
     render_model_card,
 )
 from pmf_diffusers.official import OFFICIAL_PRESETS
+from pmf_diffusers.remote_code import remote_code_source
 
 TOKEN = "hf_standInToken1234567890abcdef"  # fake; the stand-in accepts only this one
 STAGED_FILES = {
     "README.md",
     "model_index.json",
     "pipeline_pmf.py",
+    "scheduler/pipeline_pmf.py",
     "samples.png",
     "scheduler/scheduler_config.json",
     "transformer/config.json",
     "transformer/diffusion_pytorch_model.safetensors",
+    "transformer/pipeline_pmf.py",
 }
 
 
@@ -398,9 +400,9 @@ def test_push_pipeline_uploads_everything(hub, monkeypatch, tmp_path, tiny_pipe,
     assert commit["lfs_files"] == ([weights] if upload_path == "legacy-lfs" else [])
     for name in ("model_index.json", "transformer/config.json", "scheduler/scheduler_config.json"):
         assert json.loads(files[name]) == json.loads((reference / name).read_text())
-    assert json.loads(files["model_index.json"])["_class_name"] == "PMFPipeline"
-    assert files["pipeline_pmf.py"].decode() == SHIM_SOURCE
-    assert "from pmf_diffusers.pipelines.pipeline_pmf import PMFPipeline  # noqa" in SHIM_SOURCE.splitlines()
+    assert json.loads(files["model_index.json"])["_class_name"] == ["pipeline_pmf", "PMFPipeline"]
+    for name in ("pipeline_pmf.py", "transformer/pipeline_pmf.py", "scheduler/pipeline_pmf.py"):
+        assert files[name].decode() == remote_code_source()  # generated from the installed package
     _assert_png(files["samples.png"], columns=4, rows=1)
 
     card = ModelCard(files["README.md"].decode())
@@ -468,7 +470,8 @@ def test_create_pr_with_revision_is_refused(hub, tiny_pipe):
 
 def test_uploaded_repo_loads_back(hub, tmp_path, tiny_pipe):
     """What arrives on the Hub is a loadable pipeline, by both documented routes: `PMFPipeline.from_pretrained` and
-    `DiffusionPipeline.from_pretrained(..., custom_pipeline="pipeline_pmf", trust_remote_code=True)` via the shim."""
+    `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` through the remote code (also with the older
+    `custom_pipeline="pipeline_pmf"` spelling)."""
     import diffusers.utils.dynamic_modules_utils as dynamic_modules
     from diffusers import DiffusionPipeline
 
@@ -485,20 +488,21 @@ def test_uploaded_repo_loads_back(hub, tmp_path, tiny_pipe):
     expected = sample(tiny_pipe)
     assert torch.equal(sample(PMFPipeline.from_pretrained(folder)), expected)
 
-    # diffusers copies the shim into HF_MODULES_CACHE; keep that inside tmp_path.
+    # diffusers copies the remote code into HF_MODULES_CACHE; keep that inside tmp_path.
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(dynamic_modules, "HF_MODULES_CACHE", str(tmp_path / "modules"))
         patch.setattr(sys, "path", list(sys.path))
         for name in [name for name in sys.modules if name.startswith("diffusers_modules")]:
             patch.delitem(sys.modules, name)
+        generic = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
         by_name = DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline_pmf", trust_remote_code=True)
         by_path = DiffusionPipeline.from_pretrained(
             folder, custom_pipeline=str(folder / "pipeline_pmf.py"), trust_remote_code=True
         )
         for name in [name for name in sys.modules if name.startswith("diffusers_modules")]:
             patch.delitem(sys.modules, name)
-    for pipe in (by_name, by_path):
-        assert type(pipe) is PMFPipeline  # the installed class, re-exported by the shim
+    for pipe in (generic, by_name, by_path):
+        assert type(pipe) is PMFPipeline  # with the package installed, the remote code hands over its class
         pipe.set_progress_bar_config(disable=True)
         assert torch.equal(sample(pipe), expected)
 
@@ -574,7 +578,7 @@ def test_cli_dry_run_lists_files_and_sends_nothing(hub, monkeypatch, tmp_path, s
     out = capsys.readouterr().out
     assert status == 0
     assert hub.requests == []
-    assert out.startswith("would upload 7 files")
+    assert out.startswith("would upload 9 files")
     for name in STAGED_FILES:
         size = (stage / name).stat().st_size
         assert re.search(rf"^  {re.escape(name)}\s+\d", out, re.M), name
@@ -599,7 +603,7 @@ def test_cli_push(hub, tmp_path, saved_folder, capsys):
     assert hub.commits[0]["summary"] == "via cli" and hub.commits[0]["ref"] == "exp"
     card = ModelCard(hub.files("alice/pmf-cli", "exp")["README.md"].decode())
     assert card.data.base_model == "bob/pmf-base" and "| `batch_size` | 8 |" in card.text
-    assert "uploaded 6 files" in captured.out and "commit: " in captured.out
+    assert "uploaded 8 files" in captured.out and "commit: " in captured.out
 
 
 def test_dry_run_checks_for_the_token_like_a_push(hub, monkeypatch, tmp_path, saved_folder, capsys):
@@ -620,7 +624,7 @@ def test_dry_run_checks_for_the_token_like_a_push(hub, monkeypatch, tmp_path, sa
     err = capsys.readouterr().err
     assert err == "pmf: error: refusing to upload: the access token appears in README.md\n"
     # Without any token there is nothing to leak: the dry run lists the files.
-    assert run_push(argv) == 0 and "would upload 6 files" in capsys.readouterr().out
+    assert run_push(argv) == 0 and "would upload 8 files" in capsys.readouterr().out
     assert hub.requests == []
 
 
@@ -665,7 +669,7 @@ def test_official_card(preset_name):
     assert "from pmf_diffusers import PMFPipeline" in text
     assert f'pipe = PMFPipeline.from_pretrained("{"pmf/" + preset_name.replace("/", "-")}")' in text
     assert "image = pipe(class_labels=[207]).images[0]" in text
-    assert 'custom_pipeline="pipeline_pmf", trust_remote_code=True' in text
+    assert f'DiffusionPipeline.from_pretrained("{"pmf/" + preset_name.replace("/", "-")}", trust_remote_code=True)' in text
     assert ("7.5, interval [0.1, 0.8]" in text) == (preset_name == "pMF-B/16")
     assert "{{" not in text and "{%" not in text
 

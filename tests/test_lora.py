@@ -443,3 +443,192 @@ def test_bad_label_sets(tmp_path, trained):
     assert pipe.num_classes == 4 and not getattr(pipe.transformer, "peft_config", None)
     with pytest.raises(ValueError, match="2 class names but the class table has 3"):
         save_pmf_lora(transformer, tmp_path / "bad", adapter_name="b", id2label={0: "a", 1: "b"})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading: incomplete, corrupt and foreign adapter files
+# --------------------------------------------------------------------------------------------------------------
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def rewrite_lora_file(folder, change):
+    """Apply `change(state_dict)` to a saved LoRA file, keeping its peft header."""
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(folder / LORA_FILE, "pt") as handle:
+        header = handle.metadata()
+    state_dict = load_file(folder / LORA_FILE)
+    change(state_dict)
+    save_file(state_dict, folder / LORA_FILE, metadata=header)
+
+
+def new_label_set_adapter(folder):
+    transformer = random_adapter()
+    replace_class_table(transformer, 3, generator=torch.Generator().manual_seed(0))
+    save_pmf_lora(transformer, folder, adapter_name="b", id2label={0: "red", 1: "green", 2: "blue"})
+    return transformer
+
+
+def assert_nothing_loaded(pipe):
+    assert not getattr(pipe.transformer, "peft_config", None)
+    assert pipe.num_classes == 4 and pipe.id2label == BASE_NAMES
+
+
+def test_class_table_without_its_sidecar_is_refused(tmp_path):
+    new_label_set_adapter(tmp_path / "shapes")
+    (tmp_path / "shapes" / ADAPTER_CONFIG_NAME).unlink()
+    pipe = make_pipe()
+    with pytest.raises(ValueError, match=f"has {CLASS_EMBEDDINGS_NAME} .* but no {ADAPTER_CONFIG_NAME}"):
+        pipe.load_lora_weights(tmp_path / "shapes")
+    assert_nothing_loaded(pipe)
+
+
+def test_malformed_sidecar_names_the_file(tmp_path):
+    folder = tmp_path / "adapter"
+    save_pmf_lora(random_adapter(), folder, adapter_name="b")
+    sidecar = folder / ADAPTER_CONFIG_NAME
+    good = json.loads(sidecar.read_text())
+    for text, message in [
+        ('{"format": "pmf-lora", ', "is not valid JSON"),
+        ("[1, 2]", "is not a pmf-diffusers adapter config"),
+        (json.dumps({**good, "base_model": 5}), "`base_model` must be an object"),
+    ]:
+        sidecar.write_text(text)
+        pipe = make_pipe()
+        with pytest.raises(ValueError, match=f"{ADAPTER_CONFIG_NAME}.*{message}|{message}.*{ADAPTER_CONFIG_NAME}"):
+            pipe.load_lora_weights(folder)
+        assert_nothing_loaded(pipe)
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    folder = tmp_path / "nan"
+    save_pmf_lora(random_adapter(), folder, adapter_name="b")
+    key = "transformer.transformer_blocks.0.attn.to_q.lora_B.weight"
+    rewrite_lora_file(folder, lambda state_dict: state_dict[key].view(-1)[0].fill_(float("nan")))
+    pipe = make_pipe()
+    with pytest.raises(ValueError, match=rf"{LORA_FILE}' has NaN or infinite values in 1 tensor\(s\), e.g. {key}"):
+        pipe.load_lora_weights(folder)
+    assert_nothing_loaded(pipe)
+
+    new_label_set_adapter(tmp_path / "shapes")
+    table_file = tmp_path / "shapes" / CLASS_EMBEDDINGS_NAME
+    from safetensors.torch import load_file, save_file
+
+    table = load_file(table_file)
+    table["class_embedder.weight"][1, 0] = float("inf")
+    save_file(table, table_file)
+    with pytest.raises(ValueError, match=f"class table .*{CLASS_EMBEDDINGS_NAME} has NaN or infinite values"):
+        pipe.load_lora_weights(tmp_path / "shapes")
+    assert_nothing_loaded(pipe)
+
+
+def test_adapter_from_a_shallower_base_is_refused(tmp_path):
+    folder = tmp_path / "shallow"
+    save_pmf_lora(random_adapter(), folder, adapter_name="b")  # TINY: one trunk block
+    deeper = make_pipe(num_layers=2)
+    with pytest.raises(ValueError, match="num_layers = 1 .* vs 2"):  # the sidecar records the base shape
+        deeper.load_lora_weights(folder)
+    # Without the sidecar, peft would put LoRA layers on block 1 too and leave them untrained, with only a warning.
+    (folder / ADAPTER_CONFIG_NAME).unlink()
+    with pytest.raises(
+        ValueError,
+        match=r"no weights for 7 layer\(s\) its config targets .*transformer_blocks.1.attn.to_q.*"
+        r"transformer_blocks: 1 in the adapter, 2 in this model",
+    ):
+        deeper.load_lora_weights(folder)
+    assert not getattr(deeper.transformer, "peft_config", None)
+
+
+def test_adapter_without_v_head_loads_into_a_model_with_one(tmp_path):
+    """v-head layers are exempt from the coverage check: `include_v_head=False` drops them on purpose."""
+    transformer = random_adapter()
+    save_pmf_lora(transformer, tmp_path / "u_only", adapter_name="b", include_v_head=False)
+    pipe = make_pipe()
+    pipe.load_lora_weights(tmp_path / "u_only")
+    assert torch.equal(sample(pipe), sample(make_pipe(transformer)))
+
+
+# The official pMF network's names for the block linears (see `pmf_diffusers.conversion`).
+OFFICIAL_BLOCK_GROUPS = {"transformer_blocks": "shared_blocks", "u_head_blocks": "u_heads", "v_head_blocks": "v_heads"}
+OFFICIAL_LAYERS = {
+    "attn.to_q": "attn.q_proj._flax_linear", "attn.to_k": "attn.k_proj._flax_linear",
+    "attn.to_v": "attn.v_proj._flax_linear", "attn.to_out": "attn.out_proj._flax_linear",
+    "ff.gate_proj": "mlp.w1._flax_linear", "ff.up_proj": "mlp.w3._flax_linear", "ff.down_proj": "mlp.w2._flax_linear",
+}
+
+
+def non_diffusers_keys(state_dict, naming, alpha):
+    """A diffusers LoRA state dict in another trainer's layout (lora_down / lora_up / alpha)."""
+    converted = {}
+    for key, value in state_dict.items():
+        module = key.removeprefix("transformer.").split(".lora_")[0]
+        if naming == "kohya":
+            stem = "lora_unet_" + module.replace(".", "_")
+        elif naming == "dotted":
+            stem = "transformer." + module
+        else:
+            group, index, layer = module.split(".", 2)
+            stem = f"net.{OFFICIAL_BLOCK_GROUPS[group]}.{index}.{OFFICIAL_LAYERS[layer]}"
+        converted[f"{stem}.{'lora_down' if '.lora_A.' in key else 'lora_up'}.weight"] = value
+        converted[f"{stem}.alpha"] = torch.tensor(float(alpha))
+    return converted
+
+
+@pytest.mark.parametrize("naming", ["kohya", "dotted", "official"])
+def test_kohya_style_keys_are_converted(tmp_path, naming):
+    from safetensors.torch import load_file, save_file
+
+    transformer = make_transformer()
+    add_pmf_lora(transformer, rank=2, alpha=8, adapter_name="b")  # scale alpha / rank = 4
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    save_pmf_lora(transformer, tmp_path / "diffusers", adapter_name="b")
+    expected = sample(make_pipe(transformer))
+
+    folder = tmp_path / naming
+    folder.mkdir()
+    save_file(non_diffusers_keys(load_file(tmp_path / "diffusers" / LORA_FILE), naming, alpha=8), folder / LORA_FILE)
+    pipe = make_pipe()
+    pipe.load_lora_weights(folder)
+    assert max_rel_err(sample(pipe), expected) <= 1e-6
+
+
+def test_unconvertible_lora_keys_name_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "foreign"
+    folder.mkdir()
+    save_file({"lora_unet_input_blocks_1_proj_in.lora_down.weight": torch.zeros(2, 32),
+               "lora_unet_input_blocks_1_proj_in.lora_up.weight": torch.zeros(32, 2)}, folder / LORA_FILE)
+    pipe = make_pipe()
+    with pytest.raises(ValueError, match=rf"foreign/{LORA_FILE}' has 2 key\(s\) that match no layer.*"
+                                         r"lora_unet_input_blocks_1_proj_in.lora_down.weight.*kohya keys"):
+        pipe.load_lora_weights(folder)
+    save_file({"lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight": torch.zeros(2, 32)}, folder / LORA_FILE)
+    with pytest.raises(ValueError, match="only one of the two LoRA factors, e.g. transformer_blocks.0.attn.to_q"):
+        pipe.load_lora_weights(folder)
+    save_file({}, folder / LORA_FILE)  # diffusers alone would load nothing and only log it
+    with pytest.raises(ValueError, match=f"{LORA_FILE}' holds no LoRA weights"):
+        pipe.load_lora_weights(folder)
+    assert not getattr(pipe.transformer, "peft_config", None)
+
+
+def test_adapter_names_that_diffusers_would_confuse_warn_with_the_fix(saved_adapter, caplog):
+    pipe = make_pipe()
+    with caplog.at_level("WARNING", logger="pmf_diffusers"):
+        pipe.load_lora_weights(saved_adapter, adapter_name="style_one")
+        pipe.load_lora_weights(saved_adapter, adapter_name="style_two")
+        assert not [r for r in caplog.records if "occurs inside" in r.getMessage()]
+        pipe.load_lora_weights(saved_adapter, adapter_name="b")  # "b" is inside "transformer_blocks"
+    warnings = [r.getMessage() for r in caplog.records if "occurs inside" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "Adapter name 'b' occurs inside the names of other adapters' weights" in warnings[0]
+    assert "adapter_name='b_lora'" in warnings[0]
+    # The warning is about diffusers' report only: the adapter itself loaded correctly.
+    pipe.set_adapters("b")
+    only_b = sample(pipe)
+    pipe.set_adapters("style_one")
+    assert torch.equal(only_b, sample(pipe))

@@ -209,13 +209,15 @@ def test_save_load_round_trip_and_model_index(tmp_path, monkeypatch):
 
     model_index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
     model_index.pop("_diffusers_version")
+    # diffusers' list form: the pipeline, model and scheduler classes come from the generated `pipeline_pmf.py` for
+    # diffusers' generic loader (tests/test_generic_loader.py); PMFPipeline.from_pretrained uses the package's classes.
     assert model_index == {
-        "_class_name": "PMFPipeline",
+        "_class_name": ["pipeline_pmf", "PMFPipeline"],
         "default_guidance_interval": [0.1, 0.8],
         "default_guidance_scale": 7.5,
         "id2label": {str(i): f"class {i}, synonym {i}" for i in range(10)},
-        "scheduler": ["pmf_diffusers.schedulers.scheduling_pmf", "PMFScheduler"],
-        "transformer": ["pmf_diffusers.models.transformer_pmf", "PMFTransformer2DModel"],
+        "scheduler": ["pipeline_pmf", "PMFScheduler"],
+        "transformer": ["pipeline_pmf", "PMFTransformer2DModel"],
     }
     assert (tmp_path / "saved" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     scheduler_config = json.loads((tmp_path / "saved" / "scheduler" / "scheduler_config.json").read_text())

@@ -306,7 +306,7 @@ def test_integer_like_class_names_are_reserved():
         ({"guidance_scale": float("inf")}, ValueError, "finite number ≥ 1"),
         ({"guidance_scale": float("-inf")}, ValueError, "finite number ≥ 1"),
         ({"guidance_scale": "2"}, ValueError, "finite number ≥ 1"),
-        ({"latents": np.zeros((2, 3, 16, 16), dtype=np.float32)}, TypeError, r"must be a torch.Tensor, got ndarray.*from_numpy"),
+        ({"latents": np.zeros((2, 3, 16, 16), np.float32)}, TypeError, r"a torch.Tensor, got ndarray.*from_numpy"),
         ({"latents": torch.full((2, 3, 16, 16), float("nan"))}, ValueError, "NaN or infinite"),
         ({"latents": torch.full((2, 3, 16, 16), float("inf"))}, ValueError, "NaN or infinite"),
         ({"latents": torch.zeros((2, 3, 16, 16), dtype=torch.long)}, ValueError, "floating-point"),

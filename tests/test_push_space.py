@@ -124,7 +124,8 @@ def test_push_space_again_replaces_the_package(hub, wheel):
     assert not [path for path in files if path.startswith("pmf_diffusers-0.0.9")]
     assert files["notes.md"] == b"kept\n" and "pmf_diffusers/__init__.py" in files
     assert hub.commits[-1]["summary"] == "update"
-    assert set(hub.commits[-1]["deleted"]) == {"pmf_diffusers/removed_module.py", "pmf_diffusers-0.0.9.dist-info/METADATA"}
+    deleted = {"pmf_diffusers/removed_module.py", "pmf_diffusers-0.0.9.dist-info/METADATA"}
+    assert set(hub.commits[-1]["deleted"]) == deleted
 
 
 def test_cli_push_space_dry_run(hub, monkeypatch, tmp_path, wheel, capsys):

@@ -327,6 +327,44 @@ def test_model_list_offline_and_gpu_decorator_fallback(space, monkeypatch):
         assert app.GPU(function) is function and app.GPU(duration=5)(function) is function
 
 
+
+def _bytes_under(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def test_generated_files_stay_under_the_disk_cap(registry, tmp_path, monkeypatch):
+    """Many full-size requests through the served app: every byte the Space writes (gallery PNGs, grids, Gradio's
+    cache) lies under GRADIO_TEMP_DIR and stays under the cap; the newest results are still served."""
+    import urllib.request
+
+    from gradio_client import Client
+
+    app = _load("pmf_space_app", "app.py")
+    cache = tmp_path / "gradio_cache"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))  # read when the demo's components are built
+    pipe = registry.get("bundled")
+    names = sorted(pipe.id2label)
+    request = _request(pipe, classes=[str(i) for i in names[: app.MAX_CLASSES]], images_per_class=app.MAX_IMAGES_PER_CLASS)
+    cap = 400_000
+    demo = app.build_demo(registry=registry, max_output_bytes=cap)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(url, verbose=False, download_files=False)  # client-side copies are the client's business
+        written, peak = 0, 0
+        for index in range(30):
+            gallery, grid, *_ = _generate(client, {**request, "seed": 1000 * index})
+            files = [Path(item["image"]["path"]) for item in gallery] + [Path(grid["path"])]
+            assert all(cache in path.parents for path in files)  # served in place from Gradio's cache
+            written += sum(path.stat().st_size for path in files)
+            peak = max(peak, _bytes_under(cache))
+        assert written > 3 * cap  # the requests wrote far more than the cap ...
+        assert peak <= cap  # ... but the disk never held more than the cap
+        with urllib.request.urlopen(gallery[-1]["image"]["url"]) as response:  # the newest result is still served
+            assert Image.open(io.BytesIO(response.read())).size == (pipe.transformer.config.sample_size,) * 2
+    finally:
+        demo.close()
+
+
 # --- headless Chromium ---
 def _browser():
     screenshot = _load("pmf_space_screenshot", "screenshot.py")

@@ -106,7 +106,7 @@ class FakeHfApi:
     def __init__(self, endpoint=None, token=None):
         FakeHfApi.calls.append(("init", endpoint, token))
 
-    def create_repo(self, repo_id, private=None, exist_ok=False):
+    def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
         FakeHfApi.calls.append(("create_repo", repo_id, private))
         return f"https://hub.example/{repo_id}"
 

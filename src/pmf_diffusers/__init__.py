@@ -6,8 +6,13 @@ what diffusers needs to resolve the components named in a saved `model_index.jso
 """
 
 import importlib
+import logging
 
 __version__ = "0.1.0"
+
+# Our modules log through `diffusers.utils.logging.get_logger(__name__)`. Hanging the package logger under diffusers'
+# library logger makes `diffusers.utils.logging.set_verbosity_*()` (and diffusers' handler/format) apply to us too.
+logging.getLogger(__name__).parent = logging.getLogger("diffusers")
 
 _EXPORTS = {
     "PMFPipeline": "pipelines.pipeline_pmf",

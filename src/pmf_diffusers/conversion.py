@@ -9,8 +9,8 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -419,8 +419,10 @@ def convert_checkpoint(
         guidance_interval=guidance_interval or (preset.guidance_interval if preset else (0.0, 1.0)),
     )
     if output_dir is not None:
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.converting-", dir=output_dir.parent))
+        # A sibling folder (same filesystem: the moves are renames), made by mkdir so that it gets the usual
+        # permissions when it becomes the output folder (tempfile.mkdtemp would make it private).
+        stage = output_dir.parent / f".{output_dir.name}.converting-{os.getpid()}-{secrets.token_hex(4)}"
+        stage.mkdir(parents=True)
         try:
             pipeline.save_pretrained(stage, safe_serialization=True)
             _move_pipeline_files(stage, output_dir)
@@ -453,13 +455,12 @@ def _is_inside(path: Path, folder: Path) -> bool:
 
 def _pipeline_class_name(index_path: Path) -> str | None:
     """The pipeline class a `model_index.json` names (plain or diffusers' list form), or None if unreadable."""
+    from .remote_code import pipeline_class_name
+
     try:
-        class_name = json.loads(index_path.read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError):
+        return pipeline_class_name(json.loads(index_path.read_text()))
+    except (OSError, ValueError):
         return None
-    if isinstance(class_name, list) and class_name:
-        class_name = class_name[-1]
-    return class_name if isinstance(class_name, str) else None
 
 
 def check_output_folder(output_dir: str | Path, overwrite: bool = False, checkpoint: str | Path | None = None) -> Path:

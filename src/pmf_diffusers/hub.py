@@ -1,16 +1,21 @@
 # Copyright 2026 The pmf-diffusers developers. MIT License.
-"""Publish a `PMFPipeline` to the Hugging Face Hub: model card, sample grid and loader shim included.
+"""Publish a `PMFPipeline` to the Hugging Face Hub: model card, sample grid and remote code included.
 
 `push_pipeline_to_hub` stages a folder holding:
 
 - the pipeline in safetensors only (pickle weights are never uploaded) and `model_index.json`;
 - `README.md`, a model card rendered from the templates in `pmf_diffusers/model_cards/`;
 - `samples.png`, one-step samples with fixed seeds;
-- `pipeline_pmf.py`, a one-line shim that re-exports the installed `PMFPipeline`, so that
-  `DiffusionPipeline.from_pretrained(repo, custom_pipeline="pipeline_pmf", trust_remote_code=True)` works too.
+- `pipeline_pmf.py` (at the root and in the component folders), remote code generated from the installed package
+  (`pmf_diffusers.remote_code`), so that `DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)` works
+  with only diffusers and torch installed.
 
 It then creates the repo (and the branch), and uploads the folder in one `upload_folder` call. `pmf push`
-(`pmf_diffusers.commands.push`) is the command-line face of the same function.
+(`pmf_diffusers.commands.push`) is the command-line face of the same function. A dry run stages the same files and
+checks them for the token like a real push.
+
+`push_space_to_hub` (`pmf push-space`) publishes the Gradio app of a source checkout (`spaces_app/`) to a Space, with
+the package built as a wheel and unpacked inside it (pmf-diffusers is not on the package index).
 
 This module imports torch, diffusers and huggingface_hub only inside its functions.
 """
@@ -29,14 +34,6 @@ from typing import Any
 
 CARD_KINDS = ("official", "trained")
 TEMPLATE_DIR = Path(__file__).with_name("model_cards")
-SHIM_FILENAME = "pipeline_pmf.py"
-SHIM_SOURCE = (
-    "# Loader shim: lets diffusers' generic loader find PMFPipeline in the installed `pmf-diffusers` package\n"
-    "# (pip install pmf-diffusers). It re-exports the class and contains no model code:\n"
-    '#   DiffusionPipeline.from_pretrained("<repo>", custom_pipeline="pipeline_pmf", trust_remote_code=True)\n'
-    '# The plain way needs no flag: from pmf_diffusers import PMFPipeline; PMFPipeline.from_pretrained("<repo>")\n'
-    "from pmf_diffusers.pipelines.pipeline_pmf import PMFPipeline  # noqa\n"
-)
 SAMPLES_FILENAME = "samples.png"
 CARD_FILENAME = "README.md"
 # Image i of the sample grid uses a CPU generator seeded with SAMPLE_SEED + i, as the official `evaluate.py` sample
@@ -242,7 +239,9 @@ def check_pipeline_folder(folder: str | Path) -> dict:
         index = json.loads(index_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise HubPushError(f"{index_path} is not valid JSON: {_first_line(error)}") from None
-    class_name = index.get("_class_name") if isinstance(index, dict) else None
+    from .remote_code import pipeline_class_name
+
+    class_name = pipeline_class_name(index)  # plain, or the list form of folders with remote code
     if class_name != "PMFPipeline":
         raise HubPushError(
             f"{folder} is not a PMFPipeline folder: model_index.json has _class_name {class_name!r}, "
@@ -300,6 +299,8 @@ def _pipeline_and_folder(pipeline_or_folder):
 def _stage_pipeline(pipeline, folder: Path | None, stage: Path) -> list[str]:
     """Write the pipeline into `stage`: copies a folder's JSON + safetensors files (byte for byte), or saves an
     in-memory pipeline with safetensors. Returns the files left out, with the reason."""
+    from .remote_code import REMOTE_CODE_FILENAME, write_remote_code
+
     skipped, skipped_dirs = [], set()
     if folder is None:
         pipeline.save_pretrained(stage, safe_serialization=True)
@@ -321,7 +322,9 @@ def _stage_pipeline(pipeline, folder: Path | None, stage: Path) -> list[str]:
                 shutil.copyfile(path, target)
             elif path.suffix in PICKLE_SUFFIXES:
                 skipped.append(f"{relative.as_posix()} (pickle weights are never uploaded)")
-            elif relative.as_posix() in (CARD_FILENAME, SAMPLES_FILENAME, SHIM_FILENAME):
+            elif relative.name == REMOTE_CODE_FILENAME and (len(relative.parts) == 1 or top in PIPELINE_COMPONENTS):
+                continue  # remote code: generated afresh from the installed package below
+            elif relative.as_posix() in (CARD_FILENAME, SAMPLES_FILENAME):
                 skipped.append(f"{relative.as_posix()} (regenerated)")
             elif len(relative.parts) > 1 and top not in PIPELINE_COMPONENTS:
                 if top not in skipped_dirs:
@@ -335,6 +338,7 @@ def _stage_pipeline(pipeline, folder: Path | None, stage: Path) -> list[str]:
             skipped.append(f"{path.relative_to(stage).as_posix()} (pickle weights are never uploaded)")
     if not list((stage / "transformer").glob("*.safetensors")):
         raise HubPushError("the staged pipeline has no safetensors weights in transformer/")
+    write_remote_code(stage)  # also brings model_index.json of folders from earlier versions to the list form
     return skipped
 
 
@@ -726,7 +730,7 @@ def push_pipeline_to_hub(
 
 
 def _stage_card_and_samples(pipeline, stage: Path, kind: str, fields: dict, sample_grid: bool) -> None:
-    """Write the sample grid (optional), the model card and the loader shim into `stage`."""
+    """Write the sample grid (optional) and the model card into `stage`."""
     if sample_grid:
         labels = default_sample_classes(pipeline)
         render_sample_grid(pipeline, labels).save(stage / SAMPLES_FILENAME)
@@ -736,7 +740,6 @@ def _stage_card_and_samples(pipeline, stage: Path, kind: str, fields: dict, samp
     card = render_model_card(kind, **fields)
     check_model_card(card)
     card.save(stage / CARD_FILENAME)
-    (stage / SHIM_FILENAME).write_text(SHIM_SOURCE)
 
 
 def _upload(stage: Path, result: PushResult, *, endpoint, token, private, commit_message, delete_patterns=None) -> None:
@@ -866,7 +869,8 @@ def build_wheel(project_dir: str | Path, wheel_dir: str | Path) -> Path:
 
 
 def _unpack_wheel(wheel: Path, stage: Path):
-    """Unpack a pmf-diffusers wheel into `stage` (the package and its `.dist-info`); returns its METADATA."""
+    """Unpack a pmf-diffusers wheel into `stage` (the package and its `.dist-info`); returns its METADATA and the
+    name of the `.dist-info` folder."""
     import email.parser
     import zipfile
     from pathlib import PurePosixPath
@@ -886,7 +890,8 @@ def _unpack_wheel(wheel: Path, stage: Path):
             if metadata_name is None:
                 raise HubPushError(f"{wheel.name} is not a pmf-diffusers wheel: no .dist-info/METADATA")
             archive.extractall(stage)
-            return email.parser.BytesParser().parsebytes(archive.read(metadata_name))
+            metadata = email.parser.BytesParser().parsebytes(archive.read(metadata_name))
+            return metadata, metadata_name.split("/", 1)[0]
     except zipfile.BadZipFile as error:
         raise HubPushError(f"{wheel} is not a wheel: {_first_line(error)}") from None
 
@@ -921,7 +926,8 @@ def _space_sdk(readme: Path, stage: Path) -> str:
         raise HubPushError(f"the YAML header of {readme} does not parse: {_first_line(error)}") from None
     sdk = data.get("sdk")
     if sdk not in constants.SPACES_SDK_TYPES:
-        raise HubPushError(f"{readme} must set `sdk:` to one of {', '.join(constants.SPACES_SDK_TYPES)} (found {sdk!r})")
+        sdks = ", ".join(constants.SPACES_SDK_TYPES)
+        raise HubPushError(f"{readme} must set `sdk:` to one of {sdks} (found {sdk!r})")
     app_file = data.get("app_file")
     if sdk != "static" and not (app_file and (stage / app_file).is_file()):
         raise HubPushError(f"{readme} names app_file {app_file!r}, which is not in the Space app folder")
@@ -981,7 +987,9 @@ def push_space_to_hub(
     if not app_dir.is_dir():
         raise HubPushError(f"the Space app folder {app_dir} does not exist")
     if wheel is None and checkout is None:
-        raise HubPushError("pmf_diffusers is not imported from a source checkout: pass a built wheel (wheel=... / --wheel)")
+        raise HubPushError(
+            "pmf_diffusers is not imported from a source checkout: pass a built wheel (wheel=... / --wheel)"
+        )
 
     if staging_dir is not None:
         staging_dir = Path(staging_dir)
@@ -994,19 +1002,19 @@ def push_space_to_hub(
         sdk = _space_sdk(stage / CARD_FILENAME, stage)
         if wheel is None:
             wheel = build_wheel(checkout, stack.enter_context(tempfile.TemporaryDirectory(prefix="pmf-wheel-")))
-        metadata = _unpack_wheel(Path(wheel), stage)
+        metadata, dist_info = _unpack_wheel(Path(wheel), stage)
         (stage / REQUIREMENTS_FILENAME).write_text(space_requirements(metadata))
         files = _list_files(stage)
         check_no_token_in_files(stage, files, token)
-        dist_info = f"{PACKAGE_NAME}-{metadata['Version']}.dist-info"
         result = PushResult(
             repo_id=repo_id, files=files, card_kind="space", dry_run=dry_run, repo_type="space", space_sdk=sdk,
             grouped=(PACKAGE_NAME, dist_info),
         )
         if not dry_run:
+            version = metadata["Version"]
             _upload(
                 stage, result, endpoint=endpoint, token=token, private=private,
-                commit_message=commit_message or f"Publish the pMF Space with {DISTRIBUTION_NAME} {metadata['Version']}",
+                commit_message=commit_message or f"Publish the pMF Space with {DISTRIBUTION_NAME} {version}",
                 # The package of an earlier push goes: no stale module or second .dist-info next to the new one.
                 delete_patterns=[f"{PACKAGE_NAME}/*", f"{PACKAGE_NAME}-*.dist-info/*"],
             )

@@ -40,11 +40,13 @@ logger = logging.get_logger(__name__)
 
 __all__ = [
     "PMFRemoteCodeMixin",
+    "REMOTE_CODE_FILENAME",
     "REMOTE_CODE_FORMAT",
     "REMOTE_CODE_MODULE",
     "RemoteCodeGenerationError",
     "RemoteCodeVersionError",
     "installed_classes",
+    "pipeline_class_name",
     "remote_code_files",
     "remote_code_source",
     "write_remote_code",
@@ -55,12 +57,14 @@ __all__ = [
 REMOTE_CODE_FORMAT = 1
 # The stem of the generated module file; diffusers imports it as a module of this name.
 REMOTE_CODE_MODULE = "pipeline_pmf"
+REMOTE_CODE_FILENAME = f"{REMOTE_CODE_MODULE}.py"
 PIPELINE_CLASS = "PMFPipeline"
 # The pipeline's components whose classes the generated module provides, and the package modules that define them.
 COMPONENT_CLASSES = {
     "transformer": ("PMFTransformer2DModel", "models.transformer_pmf"),
     "scheduler": ("PMFScheduler", "schedulers.scheduling_pmf"),
 }
+_COMPONENT_CLASS_NAMES = {class_name for class_name, _ in COMPONENT_CLASSES.values()}
 # The package module the generated code starts from; the package modules it imports are inlined.
 _ENTRY_MODULE = "pipelines.pipeline_pmf"
 # Package modules whose names the remote code leaves out. Their names may only be used as base classes (mixins),
@@ -120,7 +124,8 @@ class _Module:
         """Replace the whole lines of a top-level statement (which must stand on lines of its own)."""
         start, end = self.span(node)
         line_end = self._line_starts[node.end_lineno] if node.end_lineno < len(self._line_starts) else len(self.source)
-        if node.col_offset != 0 or self.source[end:line_end].strip():
+        rest_of_line = self.source[end:line_end].strip()
+        if node.col_offset != 0 or (rest_of_line and not rest_of_line.startswith(b"#")):
             raise RemoteCodeGenerationError(f"{self.where(node)}: put this statement on lines of its own")
         self.edits.append((start, line_end, replacement.encode()))
 
@@ -161,21 +166,27 @@ def _imported_module(module: _Module, node: ast.ImportFrom) -> str | None:
     return ".".join(package + ([node.module] if node.module else []))
 
 
-def _top_level_names(tree: ast.Module) -> dict[str, ast.stmt]:
-    names = {}
-    for statement in tree.body:
+def _top_level_bindings(module: _Module) -> dict[str, str]:
+    """Each name the module binds at its top level, and what it binds it to: the imported object for an import of
+    another library (`typing.Any`), else the text of the binding statement. Package imports are left out."""
+    bindings = {}
+    for statement in module.tree.body:
         if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            names[statement.name] = statement
-        elif isinstance(statement, (ast.Import, ast.ImportFrom)):
+            bindings[statement.name] = module.text(statement)
+        elif isinstance(statement, ast.Import):
             for alias in statement.names:
-                names[(alias.asname or alias.name).split(".")[0]] = statement
+                imported = alias.name if alias.asname else alias.name.split(".")[0]  # `import a.b` binds `a`
+                bindings[alias.asname or imported] = f"import {imported}"
+        elif isinstance(statement, ast.ImportFrom) and _imported_module(module, statement) is None:
+            for alias in statement.names:
+                bindings[alias.asname or alias.name] = f"from {statement.module} import {alias.name}"
         elif isinstance(statement, (ast.Assign, ast.AnnAssign)):
             targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
             for target in targets:
                 for node in ast.walk(target):
                     if isinstance(node, ast.Name):
-                        names[node.id] = statement
-    return names
+                        bindings[node.id] = module.text(statement)
+    return bindings
 
 
 def _load_module(name: str) -> _Module:
@@ -207,7 +218,7 @@ def _prepare(module: _Module, dependencies: list[str], is_entry: bool) -> None:
             # The names are defined by the inlined module above; an alias becomes an assignment.
             aliases = "".join(f"{alias.asname} = {alias.name}\n" for alias in statement.names if alias.asname)
             module.replace_statement(statement, aliases)
-        elif isinstance(statement, ast.Import) and any(a.name.split(".")[0] == "pmf_diffusers" for a in statement.names):
+        elif isinstance(statement, ast.Import) and any(a.name.startswith("pmf_diffusers") for a in statement.names):
             raise RemoteCodeGenerationError(f"{module.where(statement)}: use `from ... import` for package modules")
         elif isinstance(statement, ast.Assign) and [getattr(t, "id", None) for t in statement.targets] == ["__all__"]:
             module.replace_statement(statement)  # the generated module exports by class name, not `import *`
@@ -254,29 +265,25 @@ def _section(module: _Module) -> str:
 
 
 def _check_collisions(modules: list[_Module]) -> None:
-    """Two inlined modules may bind the same top-level name only with the same statement (e.g. the same import)."""
+    """Two inlined modules may bind the same top-level name only to the same thing (e.g. the same import, or the same
+    `logger = logging.get_logger(__name__)`): the generated module is one namespace."""
     bound: dict[str, tuple[_Module, str]] = {}
     for module in modules:
-        for name, statement in _top_level_names(module.tree).items():
-            if name in module.dropped_names or name == "__all__":
+        for name, binding in _top_level_bindings(module).items():
+            if name == "__all__":
                 continue
-            if isinstance(statement, ast.ImportFrom) and _imported_module(module, statement) is not None:
-                continue  # defined by the inlined module itself
-            text = module.text(statement)
-            both_imports = name in bound and bound[name][1].startswith(("import ", "from ")) and text.startswith(
-                ("import ", "from ")
-            )
-            if name in bound and bound[name][1] != text and not both_imports:
+            if name in bound and bound[name][1] != binding:
                 raise RemoteCodeGenerationError(
                     f"{module.display_path} and {bound[name][0].display_path} both define {name!r}: remote code "
                     "inlines them into one module, so rename one of them"
                 )
-            bound[name] = (module, text)
+            bound[name] = (module, binding)
 
 
 _HEADER = """\
-# Generated by pmf-diffusers {version} from its own source ({sources}).
-# Do not edit: `pipe.save_pretrained(folder)` and `pmf push` write it again. MIT License.
+# Generated by pmf-diffusers {version} from its own source. Do not edit: `pipe.save_pretrained(folder)` and
+# `pmf push` write it again. MIT License. The package modules inlined below, in this order:
+{sources}
 #
 # diffusers' generic loader imports this module for a PMFPipeline folder or Hub repo (the same file sits at the
 # root and in each component folder):
@@ -335,10 +342,12 @@ def _generate(version: str) -> str:
     _check_collisions(order)
 
     future = sorted(set().union(*(module.future_features for module in order)))
-    body = "".join(f"\n\n{_SECTION_RULE}\n# {module.display_path}\n{_SECTION_RULE}\n{_section(module)}\n" for module in order)
+    body = "".join(
+        f"\n\n{_SECTION_RULE}\n# {module.display_path}\n{_SECTION_RULE}\n{_section(module)}\n" for module in order
+    )
     digest = hashlib.sha256(f"{version}\n{REMOTE_CODE_FORMAT}\n{body}".encode()).hexdigest()
     parts = [
-        _HEADER.format(version=version, sources=", ".join(module.display_path for module in order)),
+        _HEADER.format(version=version, sources="\n".join(f"#   {module.display_path}" for module in order)),
         f"from __future__ import {', '.join(future)}\n" if future else "",
         "\nimport importlib\n\n",
         f'PMF_DIFFUSERS_VERSION = "{version}"\n',
@@ -350,7 +359,7 @@ def _generate(version: str) -> str:
     ]
     source = "".join(parts)
     # A generator bug should fail here, not in a user's loader.
-    for node in ast.walk(ast.parse(source, filename=f"{REMOTE_CODE_MODULE}.py")):
+    for node in ast.walk(ast.parse(source, filename=REMOTE_CODE_FILENAME)):
         imported = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
         imported += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
         if getattr(node, "level", 0) or any(name.split(".")[0] == "pmf_diffusers" for name in imported):
@@ -375,17 +384,18 @@ def _entry_class(entry) -> str | None:
     return None
 
 
-def _pipeline_class_name(index: dict):
-    class_name = index.get("_class_name")
+def pipeline_class_name(index: dict) -> str | None:
+    """The pipeline class a `model_index.json` names, in the plain or the list (remote-code) form."""
+    class_name = index.get("_class_name") if isinstance(index, dict) else None
     return _entry_class(class_name) if isinstance(class_name, (list, tuple)) else class_name
 
 
 def remote_code_files(index: dict) -> list[str]:
     """Paths (relative to the folder) where a pipeline with this `model_index.json` carries the generated module."""
-    files = [f"{REMOTE_CODE_MODULE}.py"]
+    files = [REMOTE_CODE_FILENAME]
     for component, (class_name, _) in COMPONENT_CLASSES.items():
         if _entry_class(index.get(component)) == class_name:
-            files.append(f"{component}/{REMOTE_CODE_MODULE}.py")
+            files.append(f"{component}/{REMOTE_CODE_FILENAME}")
     return files
 
 
@@ -402,8 +412,8 @@ def write_remote_code(folder: str | os.PathLike) -> list[str]:
         index = json.loads(index_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{folder} has no model_index.json: save the pipeline first") from None
-    if _pipeline_class_name(index) != PIPELINE_CLASS:
-        raise ValueError(f"{folder} holds a {_pipeline_class_name(index)!r}, not a {PIPELINE_CLASS}")
+    if pipeline_class_name(index) != PIPELINE_CLASS:
+        raise ValueError(f"{folder} holds a {pipeline_class_name(index)!r}, not a {PIPELINE_CLASS}")
     source = remote_code_source()
     written = remote_code_files(index)
     for relative in written:
@@ -480,19 +490,20 @@ class PMFRemoteCodeMixin:
     @classmethod
     def _dict_from_json_file(cls, json_file):
         # Both `download` (Hub repos) and `load_config` read model_index.json through here. A string `_class_name`
-        # keeps diffusers from importing the folder's pipeline module; a `None` library keeps it from importing (or
-        # even downloading) component code, and `extract_init_dict` below names this package's classes again.
+        # keeps diffusers from importing the folder's pipeline module, a `None` library from importing component code
+        # (and from insisting on it when a Hub repo of an earlier version has none); `extract_init_dict` below then
+        # names this package's classes.
         index = dict(super()._dict_from_json_file(json_file))
         if isinstance(index.get("_class_name"), (list, tuple)):
             index["_class_name"] = _entry_class(index["_class_name"]) or cls.__name__
         folder = Path(json_file).parent
-        package_classes = {class_name for class_name, _ in COMPONENT_CLASSES.values()}
         for component in COMPONENT_CLASSES:
             entry = index.get(component)
             class_name = _entry_class(entry)
-            if class_name in package_classes:
+            code_file = folder / component / f"{entry[0]}.py" if class_name and isinstance(entry[0], str) else None
+            if class_name in _COMPONENT_CLASS_NAMES:
                 index[component] = [None, class_name]
-            elif class_name is not None and isinstance(entry[0], str) and (folder / component / f"{entry[0]}.py").is_file():
+            elif code_file is not None and code_file.exists():
                 raise ValueError(
                     f"The {component} of {folder} is defined by code in the folder ({component}/{entry[0]}.py); "
                     f"{cls.__name__}.from_pretrained runs no code from a model folder. Load it with "
@@ -505,10 +516,9 @@ class PMFRemoteCodeMixin:
         from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
 
         init_dict, unused_kwargs, hidden_dict = super().extract_init_dict(config_dict, **kwargs)
-        package_classes = {class_name for class_name, _ in COMPONENT_CLASSES.values()}
         for component in COMPONENT_CLASSES:
             class_name = _entry_class(init_dict.get(component))
-            if class_name in package_classes:
+            if class_name in _COMPONENT_CLASS_NAMES:
                 init_dict[component] = list(_fetch_class_library_tuple(_package_class(class_name)))
         return init_dict, unused_kwargs, hidden_dict
 

@@ -13,7 +13,8 @@ EPILOG = """\
 The repo receives the pipeline (safetensors only; pickle weights never leave the machine), a model card rendered
 from the pipeline's config, samples.png (one step, fixed seeds) and pipeline_pmf.py, so that diffusers' generic
 loader finds the pipeline class. The token comes from --token-file, else huggingface_hub's usual sources
-(HF_TOKEN, `hf auth login`); it is never printed.
+(HF_TOKEN, `hf auth login`); it is never printed, and a push (or a dry run) that would upload a file holding it
+is refused.
 
 examples:
   pmf push runs/toy-cpu/pipeline me/pmf-toy --dry-run                 # list the files, send nothing

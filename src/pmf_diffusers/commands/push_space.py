@@ -43,8 +43,12 @@ def add_parser(subparsers):
         help="create the Space private (ignored when it exists)",
     )
     parser.add_argument("--commit-message", default=None, metavar="MESSAGE")
-    parser.add_argument("--dry-run", action="store_true", help="stage and list the files that would be uploaded; send nothing")
-    parser.add_argument("--staging-dir", default=None, metavar="DIR", help="stage into DIR and keep it (inspect a dry run)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="stage and list the files that would be uploaded; send nothing"
+    )
+    parser.add_argument(
+        "--staging-dir", default=None, metavar="DIR", help="stage into DIR and keep it (inspect a dry run)"
+    )
     parser.add_argument(
         "--token-file", default=None, metavar="PATH",
         help="read the Hub token from this file (default: HF_TOKEN or the `hf auth login` token)",

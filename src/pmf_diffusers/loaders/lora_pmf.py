@@ -229,7 +229,9 @@ def _check_adapter_covers_its_targets(
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    config = {key.removeprefix(f"{prefix}."): value for key, value in (metadata or {}).items() if key.startswith(f"{prefix}.")}
+    config = {
+        key.removeprefix(f"{prefix}."): value for key, value in (metadata or {}).items() if key.startswith(f"{prefix}.")
+    }
     if not config.get("target_modules"):
         return  # without a saved config diffusers targets exactly the modules in the file
     try:
@@ -327,11 +329,9 @@ def _convert_non_diffusers_lora(
     flattened = {name.replace(".", "_"): name for name in linear_names}
 
     def module_for(stem: str) -> str | None:
-        while True:
-            stripped = next((stem[len(p) :] for p in (f"{prefix}.", *_NON_DIFFUSERS_PREFIXES) if stem.startswith(p)), None)
-            if stripped is None:
-                break
-            stem = stripped
+        prefixes = (f"{prefix}.", *_NON_DIFFUSERS_PREFIXES)
+        while stem.startswith(prefixes):
+            stem = stem[len(next(p for p in prefixes if stem.startswith(p))) :]
         if stem in linear_names:
             return stem
         if stem in flattened:
@@ -357,10 +357,11 @@ def _convert_non_diffusers_lora(
             if unknown
             else f"layers with only one of the two LoRA factors, e.g. {', '.join(incomplete[:3])}"
         )
+        kohya_example = f"lora_unet_{example.replace('.', '_')}"
         raise ValueError(
             f"The LoRA file {source} has {problem}. Readable layouts: diffusers/peft keys "
-            f"(`{prefix}.{example}.lora_A.weight`), kohya keys (`lora_unet_{example.replace('.', '_')}.lora_down.weight`, "
-            "`.lora_up.weight`, `.alpha`) and the official pMF module names."
+            f"(`{prefix}.{example}.lora_A.weight`), kohya keys (`{kohya_example}.lora_down.weight`, `.lora_up.weight`, "
+            "`.alpha`) and the official pMF module names."
         )
 
     converted = {}
@@ -383,7 +384,8 @@ def _lora_file_description(path_or_repo: str, kwargs: dict) -> str:
     """The LoRA weights file to name in errors: the file itself, or the file inside a folder or Hub repo."""
     if os.path.isfile(path_or_repo):
         return repr(path_or_repo)
-    candidate = os.path.join(path_or_repo, kwargs.get("subfolder") or "", kwargs.get("weight_name") or LORA_WEIGHT_NAME_SAFE)
+    weight_name = kwargs.get("weight_name") or LORA_WEIGHT_NAME_SAFE
+    candidate = os.path.join(path_or_repo, kwargs.get("subfolder") or "", weight_name)
     if os.path.isdir(path_or_repo) and not os.path.isfile(candidate):
         return repr(path_or_repo)  # diffusers picked another single .safetensors file of the folder
     return repr(candidate)
@@ -393,7 +395,7 @@ def _read_sidecar(path: str) -> dict:
     try:
         sidecar = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"The adapter config {path} is not valid JSON ({error}): restore it from the export.") from None
+        raise ValueError(f"The adapter config {path} is not valid JSON ({error}): export the adapter again.") from None
     if not isinstance(sidecar, dict) or sidecar.get("format") != ADAPTER_FORMAT:
         found = sidecar.get("format") if isinstance(sidecar, dict) else type(sidecar).__name__
         raise ValueError(f"{path} is not a pmf-diffusers adapter config (format {found!r}).")
@@ -604,6 +606,8 @@ class PMFLoraLoaderMixin(LoraBaseMixin):
 
         if not isinstance(pretrained_model_name_or_path_or_dict, dict):
             source = _lora_file_description(str(pretrained_model_name_or_path_or_dict), kwargs)
+        if not state_dict:
+            raise ValueError(f"The LoRA file {source} holds no LoRA weights.")
         if not _is_diffusers_lora(state_dict, self.transformer_name):
             state_dict = _convert_non_diffusers_lora(state_dict, transformer, self.transformer_name, source)
         is_correct_format = all("lora" in key for key in state_dict.keys())

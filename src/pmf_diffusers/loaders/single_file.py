@@ -79,8 +79,10 @@ def parse_hub_file_reference(reference: str) -> HubFileReference | None:
     elif is_url:
         return None  # a link to another site
     if is_url:  # a browser link may carry `?download=true` or an anchor
-        text = unquote(text.split("?")[0].split("#")[0])
+        text = text.split("?")[0].split("#")[0]
     parts = text.split("/")
+    if is_url:  # and %-escapes, e.g. in the revision refs%2Fpr%2F1
+        parts = [unquote(part) for part in parts]
     if len(parts) < 3 or "" in parts:
         return None
     repo_id, path_parts, revision = "/".join(parts[:2]), parts[2:], None
@@ -156,9 +158,7 @@ def resolve_single_file(
         raise FileNotFoundError(f"The Hub repo {reference.repo_id} has no file {reference.filename!r}.") from None
     except (RepositoryNotFoundError, RevisionNotFoundError) as error:
         reason = str(error).strip().splitlines()[0]
-        raise OSError(
-            f"Could not download {where}: {reason} (a private or gated repo needs token=...)."
-        ) from None
+        raise OSError(f"Could not download {where}: {reason} (a private or gated repo needs token=...).") from None
     return Path(downloaded)
 
 
@@ -304,9 +304,9 @@ class PMFFromOriginalModelMixin:
                 given.
 
         Raises:
-            CheckpointConversionError: for a file that is not a pMF checkpoint, missing, unexpected or mis-shaped keys
-                (named as we name them and as the file spells them), NaN/inf weights, or a contradicting `config`.
-                A `ValueError`.
+            CheckpointConversionError (a `ValueError`): for a file that is not plain weights or not a pMF checkpoint,
+                missing, unexpected or mis-shaped keys (named as we name them and as the file spells them), NaN/inf
+                weights, or a contradicting `config`.
             FileNotFoundError, OSError: for a file that cannot be found or downloaded.
 
         Example:
@@ -412,9 +412,10 @@ class PMFFromSingleFileMixin:
             cache_dir, token, revision, local_files_only, force_download: As for `hf_hub_download`, for a Hub file.
 
         Raises:
-            CheckpointConversionError: for a file that is not a pMF checkpoint, missing, unexpected or mis-shaped keys
-                (named as we name them and as the file spells them), NaN/inf weights, or a preset or config whose
-                shapes contradict the checkpoint. A `ValueError`, like invalid sampling settings.
+            CheckpointConversionError (a `ValueError`): for a file that is not plain weights or not a pMF checkpoint,
+                missing, unexpected or mis-shaped keys (named as we name them and as the file spells them), NaN/inf
+                weights, or a preset or config whose shapes contradict the checkpoint.
+            ValueError: for invalid sampling settings or `torch_dtype`.
             FileNotFoundError, OSError: for a file that cannot be found or downloaded.
 
         Example:
@@ -434,6 +435,8 @@ class PMFFromSingleFileMixin:
         if noise_scale is not None:
             check_noise_scale(noise_scale)
         check_guidance_settings(guidance_scale, guidance_interval)
+        if config is not None and not isinstance(config, (str, os.PathLike)):
+            raise TypeError(f"config must be a PMFPipeline folder or Hub repo id, got {type(config).__name__}.")
         if config is not None and preset not in (AUTO_PRESET, None):
             raise ValueError("Give preset or config, not both: both set the sampling settings.")
 

@@ -23,7 +23,7 @@ from ..schedulers.scheduling_pmf import PMFScheduler
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["PMFPipeline", "check_guidance_settings", "load_imagenet_id2label"]
+__all__ = ["DEFAULT_MAX_BATCH_SIZE", "PMFPipeline", "check_guidance_settings", "load_imagenet_id2label"]
 
 
 # Images per transformer call by default: enough to keep a GPU busy at the released sizes, few enough that a long
@@ -52,7 +52,9 @@ def check_guidance_settings(
     if guidance_scale is not None:
         omega = _real_number(guidance_scale)
         if omega is None or not 1.0 <= omega < float("inf"):  # the comparisons also reject NaN
-            raise ValueError(f"`guidance_scale` (ω) must be a finite number ≥ 1 (1 = no guidance), got {guidance_scale!r}.")
+            raise ValueError(
+                f"`guidance_scale` (ω) must be a finite number ≥ 1 (1 = no guidance), got {guidance_scale!r}."
+            )
     if guidance_interval is None:
         return
     values = _interval_values(guidance_interval)
@@ -184,7 +186,9 @@ class PMFPipeline(PMFRemoteCodeMixin, DiffusionPipeline, PMFLoraLoaderMixin, PMF
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         if callback_inputs is not None and not all(k in self._callback_tensor_inputs for k in callback_inputs):
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}.")
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}."
+            )
         generators = generator if isinstance(generator, list) else [generator]
         if generator is not None and not all(isinstance(item, torch.Generator) for item in generators):
             raise TypeError(
@@ -308,10 +312,11 @@ class PMFPipeline(PMFRemoteCodeMixin, DiffusionPipeline, PMFLoraLoaderMixin, PMF
                 `pipe._guidance_interval` (used from the next step on) or set `pipe._interrupt = True` (skip the
                 remaining steps).
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*): Tensors passed in `callback_kwargs`.
-            max_batch_size (`int` or `None`, defaults to `DEFAULT_MAX_BATCH_SIZE` = 64): Most images per transformer call. A longer label list
-                runs in sub-batches with the same images (the noise of the whole batch is drawn first, exactly as
-                without sub-batching), so memory for activations stays bounded; only the samples and outputs grow
-                with the number of images. `None` runs the whole batch at once.
+            max_batch_size (`int` or `None`, defaults to `DEFAULT_MAX_BATCH_SIZE` = 64): Most images per
+                transformer call. A longer label list runs in sub-batches with the same images (the noise of the
+                whole batch is drawn first, exactly as without sub-batching; values agree to float rounding), so the
+                activation memory stays bounded; only the samples and outputs grow with the number of images.
+                `None` runs the whole batch at once.
 
         Examples:
         ```py

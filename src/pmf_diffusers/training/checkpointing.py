@@ -1,13 +1,16 @@
 # Copyright 2026 The pmf-diffusers developers. MIT License.
-"""Exact resumes of a training run (`examples/train_pmf.py`): checkpoint folders (layout, saving, discovery, resume
-checks), the objective's random source and the data position.
+"""Exact, safe resumes of a training run (`examples/train_pmf.py`): checkpoint folders (layout, saving, discovery,
+verification, resume checks), the run's own resumable state, the objective's random source and the data position.
 
 A checkpoint is a folder `output_dir/checkpoint-STEP/` holding the accelerate state (`Accelerator.save_state`: model,
-optimizer, scheduler, RNG states and the registered objects such as the EMA and the [`ObjectiveRNG`]), one
-`data_state_rank{r}.json` per process (the data position, for exact resumes), optional exports, and — written last —
-the marker `pmf_checkpoint.json` with the settings the run was trained with. The folder is written as
-`.tmp-checkpoint-STEP` and renamed when complete, so a folder with the marker is always usable and an interrupted save
-never is.
+optimizer, scheduler, RNG states), the run's own state (the EMAs and the objective's seed, [`TrainingState`]) as
+`training_state.safetensors` + `training_state.json` — never a pickle —, one `data_state_rank{r}.json` per process
+(the data position, for exact resumes), optional exports, and — written last — the marker `pmf_checkpoint.json` with
+the settings the run was trained with and the size and sha256 of every other file. The folder is written as
+`.tmp-checkpoint-STEP`, every file and folder is fsynced, and it is renamed when complete, so a folder with the marker
+is always usable and an interrupted save never is. A resume verifies the files against the marker and checks that
+every pickle accelerate will read holds plain data (`checkpoint_files.py`) before anything is loaded; `latest` falls
+back to the previous complete checkpoint when the newest is damaged.
 """
 
 from __future__ import annotations
@@ -23,32 +26,48 @@ import numpy as np
 import torch
 from diffusers.utils import logging
 
+from .checkpoint_files import (
+    CHECKPOINT_MARKER,
+    CheckpointError,
+    CheckpointSaveError,
+    check_pickles,
+    fsync_directory,
+    is_disk_full,
+    read_marker,
+    record_files,
+    verify_files,
+    write_json_durably,
+)
+
 logger = logging.get_logger(__name__)
 
 __all__ = [
     "CHECKPOINT_MARKER",
     "CHECKPOINT_MODEL_FILES",
     "CheckpointError",
+    "CheckpointSaveError",
     "ObjectiveRNG",
+    "TrainingState",
     "resumable_batches",
     "check_checkpoint_compatible",
     "checkpoint_step",
     "complete_checkpoints",
+    "find_resume_checkpoint",
     "prune_checkpoints",
     "read_data_state",
     "remove_interrupted_saves",
     "resolve_resume_checkpoint",
     "save_checkpoint",
+    "upgrade_checkpoint",
+    "verify_checkpoint",
 ]
 
-CHECKPOINT_MARKER = "pmf_checkpoint.json"
 # The model weights in an accelerate checkpoint: DDP / one process, FSDP sharded (a DCP folder), FSDP full state dict.
 CHECKPOINT_MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model_fsdp_0", "pytorch_model_fsdp.bin")
+TRAINING_STATE_TENSORS = "training_state.safetensors"
+TRAINING_STATE_JSON = "training_state.json"
+_LEGACY_STATE = re.compile(r"custom_checkpoint_(\d+)\.pkl")
 _TMP_PREFIX = ".tmp-"
-
-
-class CheckpointError(ValueError):
-    """A folder that is not a usable training checkpoint for this run."""
 
 
 class ObjectiveRNG:

@@ -18,7 +18,6 @@ Everything here is plain PIL / numpy / torch (no torchvision).
 from __future__ import annotations
 
 import io
-import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,9 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers.utils import logging
 from PIL import Image
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
