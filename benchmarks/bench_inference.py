@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-# pMF-B/16 (pmf_spec.md §2.6) in eval mode: 118,234,240 parameters.
+# pMF-B/16 (docs/algorithm.md, "Released sizes") in eval mode: 118,234,240 parameters.
 B16_CONFIG = dict(
     sample_size=256, patch_size=16, num_layers=8, num_head_layers=8, num_attention_heads=12, attention_head_dim=64,
     mlp_hidden_dim=2048, with_v_head=False,

@@ -1,9 +1,10 @@
 """Training-step speed and peak memory of `pmf_loss` against a straightforward implementation of the same objective.
 
-The straightforward version follows pmf_spec.md §5.1 literally: three no-grad target passes of the full two-head
-network (conditional with raw ω, unconditional, conditional with interval-masked ω), then one `torch.func.jvp`
-through the full two-head network with autograd on, backpropagating through its primal outputs. `pmf_loss` computes
-the same loss and gradients with a v-head-only 2B target pass, a no-grad u-head-only JVP and one ordinary forward.
+The straightforward version follows the objective of docs/algorithm.md literally: three no-grad target passes of
+the full two-head network (conditional with raw ω, unconditional, conditional with interval-masked ω), then one
+`torch.func.jvp` through the full two-head network with autograd on, backpropagating through its primal outputs.
+`pmf_loss` computes the same loss and gradients with a v-head-only 2B target pass, a no-grad u-head-only JVP and one
+ordinary forward.
 
 Each variant runs in a fresh subprocess (so peak RSS is per variant); steps alternate A/B across rounds and the
 median is reported. Both variants see identical weights and draws, and their losses are compared.

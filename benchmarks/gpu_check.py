@@ -192,7 +192,8 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         "compile_backend": args.compile_backend, "train_shapes": args.train_shapes,
         "train_batch_sizes": args.train_batch_sizes, "time_limit": args.time_limit,
     }
-    settings = replace(settings, **{key: tuple(v) if isinstance(v, list) else v for key, v in overrides.items() if v is not None})
+    given = {key: tuple(value) if isinstance(value, list) else value for key, value in overrides.items() if value is not None}
+    settings = replace(settings, **given)
     limits = dict(settings.phase_limits)
     phases = {phase for phase, _ in PHASES}
     for item in args.phase_limit:
@@ -284,7 +285,9 @@ def resolve_attention_backends(names: list[str]) -> tuple[list[str], dict]:
     chosen, skipped = [], {}
     for name in candidates:
         if name not in known:
-            raise GPUCheckError(f"--attention-backends: unknown backend {name!r}; diffusers offers {', '.join(sorted(known))}.")
+            raise GPUCheckError(
+                f"--attention-backends: unknown backend {name!r}; diffusers offers {', '.join(sorted(known))}."
+            )
         try:
             with attention_backend(name):
                 pass
@@ -441,9 +444,9 @@ def perturb_constant_parameters(module: torch.nn.Module, seed: int) -> None:
 def device_info(device: torch.device) -> dict:
     import diffusers
 
-    info = {"device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+    info = {"device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "diffusers": diffusers.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, capability=f"{props.major}.{props.minor}", memory_gb=props.total_memory / 1e9,
@@ -570,8 +573,9 @@ def run_parity(ctx: Context, deadline: float) -> None:
                       forward["t_min"], forward["t_max"])
             with torch.no_grad():
                 out = model(*inputs, head="both")
-            check(f"{name} forward: u-head x-prediction", max_rel_err(out.sample, forward["u_head_xpred"]), FORWARD_TOLERANCE)
-            check(f"{name} forward: v-head x-prediction", max_rel_err(out.v_sample, forward["v_head_xpred"]), FORWARD_TOLERANCE)
+            for head, output in (("u", out.sample), ("v", out.v_sample)):
+                check(f"{name} forward: {head}-head x-prediction", max_rel_err(output, forward[f"{head}_head_xpred"]),
+                      FORWARD_TOLERANCE)
 
             generated = load(f"{name}_generate")
             labels = generated["labels"].tolist()
@@ -588,7 +592,8 @@ def run_parity(ctx: Context, deadline: float) -> None:
             model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
             with torch.no_grad():
                 out = model_bf16(inputs[0].bfloat16(), *inputs[1:], head="both")
-            check(f"{name} forward bf16: u-head x-prediction", max_rel_err(out.sample.float(), forward["u_head_xpred"]), None)
+            check(f"{name} forward bf16: u-head x-prediction", max_rel_err(out.sample.float(), forward["u_head_xpred"]),
+                  None)
             pipe_bf16 = PMFPipeline(model_bf16, PMFScheduler(noise_scale=scale))
             pipe_bf16.set_progress_bar_config(disable=True)
             first = meta[name]["generate_settings"][0]
@@ -1211,7 +1216,8 @@ def launch_train_script(ctx: Context, output_dir: Path, data: Path, steps: int, 
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
         returncode, output = done.returncode, done.stdout + done.stderr
     except subprocess.TimeoutExpired as err:
-        parts = [part.decode(errors="replace") if isinstance(part, bytes) else part or "" for part in (err.stdout, err.stderr)]
+        parts = [part.decode(errors="replace") if isinstance(part, bytes) else part or ""
+                 for part in (err.stdout, err.stderr)]
         returncode, output = f"killed after {timeout:.0f} s (time limit)", "".join(parts)
     result = {"returncode": returncode, "wall_s": time.perf_counter() - start, "deterministic_algorithms": deterministic}
     metrics = output_dir / "logs" / "metrics.jsonl"
@@ -1473,14 +1479,17 @@ def render_markdown(data: dict) -> str:
             if "implementation" not in r:
                 lines.append(f"| {r['shape']} | | model build | | {r['status']} | | | |")
                 continue
-            head = f"| {r['shape']} | {r['batch']} | {r['implementation']} | {'on' if r['gradient_checkpointing'] else 'off'} |"
+            checkpointing = "on" if r["gradient_checkpointing"] else "off"
+            head = f"| {r['shape']} | {r['batch']} | {r['implementation']} | {checkpointing} |"
             if r["status"] != "ok":
                 lines.append(f"{head} {r['status'] if r['status'] == 'OOM' else r['status'][:90]} | | | |")
                 continue
             literal = next((o for o in rows if o.get("implementation") == "literal" and o["shape"] == r["shape"] and
                             o.get("batch") == r["batch"] and o.get("status") == "ok" and
                             o["gradient_checkpointing"] == r["gradient_checkpointing"]), None)
-            speedup = literal["median_step_s"] / r["median_step_s"] if literal and r["implementation"] == "pmf_loss" else None
+            speedup = None
+            if literal and r["implementation"] == "pmf_loss":
+                speedup = literal["median_step_s"] / r["median_step_s"]
             lines.append(f"{head} {r['median_step_s']:.3f} | {r['images_per_s']:.1f} | "
                          f"{_fmt(r.get('peak_memory_gb'), '.1f')} | {_fmt(speedup, '.2f')}{'×' if speedup else ''} |")
         syncs = training.get("host_syncs")
@@ -1491,8 +1500,9 @@ def render_markdown(data: dict) -> str:
         if training.get("largest_batch"):
             lines += ["", "| shape | implementation | grad ckpt | largest batch that fits | smallest OOM | note |",
                       "|---|---|---|---|---|---|"]
-            lines += [f"| {r['shape']} | {r.get('implementation', '–')} | {'on' if r.get('gradient_checkpointing') else 'off'} | "
-                      f"{_fmt(r.get('largest_fitting'))} | {_fmt(r.get('smallest_oom'))} | {r.get('note', r.get('status', ''))} |"
+            lines += [f"| {r['shape']} | {r.get('implementation', '–')} | "
+                      f"{'on' if r.get('gradient_checkpointing') else 'off'} | {_fmt(r.get('largest_fitting'))} | "
+                      f"{_fmt(r.get('smallest_oom'))} | {r.get('note', r.get('status', ''))} |"
                       for r in training["largest_batch"]]
         lines += [f"- {r['shape']}: skipped ({r['reason']})" for r in training.get("skipped", [])]
         lines.append("")
@@ -1512,7 +1522,8 @@ def render_markdown(data: dict) -> str:
                 lines.append(f"- {key}: bit-exact {launch[key].get('bit_exact')}, max abs diff "
                              f"{_fmt(launch[key].get('max_abs_diff'), '.2e')}")
         if "loss_u_max_abs_diff" in launch:
-            lines.append(f"- loss_u at steps {launch['loss_u_steps_compared']}: max abs diff {launch['loss_u_max_abs_diff']}")
+            lines.append(f"- loss_u at steps {launch['loss_u_steps_compared']}: max abs diff "
+                         f"{launch['loss_u_max_abs_diff']}")
         bare = next((r for r in (training or {}).get("rows", []) if r.get("status") == "ok" and r.get("shape") ==
                      launch.get("shape") and r.get("batch") == launch.get("batch") and r.get("implementation") ==
                      "pmf_loss" and not r.get("gradient_checkpointing")), None)

@@ -33,7 +33,9 @@ import datasets
 import diffusers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, is_wandb_available, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration, DistributedType, ProjectConfiguration, is_wandb_available, set_seed,
+)
 from diffusers.optimization import get_scheduler
 from PIL import Image
 from tqdm.auto import tqdm
@@ -46,11 +48,11 @@ from pmf_diffusers.official import IMAGENET_SAMPLE_CLASSES, OFFICIAL_NUM_CLASSES
 from pmf_diffusers.pipelines.pipeline_pmf import check_guidance_settings
 from pmf_diffusers.training import MultiEMA, Muon, PMFLossConfig, muon_param_groups, pmf_loss
 from pmf_diffusers.training.checkpointing import (
-    CheckpointError, ObjectiveRNG, check_checkpoint_compatible, checkpoint_step, read_data_state,
-    remove_interrupted_saves, resolve_resume_checkpoint, resumable_batches, save_checkpoint,
+    CheckpointError, CheckpointSaveError, ObjectiveRNG, TrainingState, check_checkpoint_compatible, checkpoint_step,
+    find_resume_checkpoint, read_data_state, remove_interrupted_saves, resumable_batches, save_checkpoint,
 )
 from pmf_diffusers.training.data import (
-    DatasetError, EpochShuffleSampler, ImageCollator, load_training_dataset, preprocess_image,
+    DatasetError, EpochShuffleSampler, ImageCollator, check_first_images, load_training_dataset, loader_options,
 )
 from pmf_diffusers.training.distributed import (
     check_distributed_setup, gather_state_dict, unwrap_model, weights_are_finite,
@@ -61,6 +63,7 @@ from pmf_diffusers.training.export import (
 from pmf_diffusers.training.finetune import (
     RemappedCollator, add_fine_tuning_adapters, dataset_class_index, dataset_id2label, load_for_fine_tuning,
 )
+from pmf_diffusers.training.metrics import LOSS_NAMES, MetricsFile, StepMetrics
 from pmf_diffusers.training.presets import TRAINING_PRESETS, TrainingPreset, get_training_preset
 from pmf_diffusers.training import recipe
 
@@ -103,6 +106,15 @@ class TrainingSetupError(ValueError):
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; training stopped without writing a new checkpoint."""
+
+
+def raise_if_diverged(first_bad_step: int | None, processes: int, last_checkpoint: Path | None) -> None:
+    if first_bad_step is not None:
+        raise NonFiniteLossError(
+            f"Non-finite loss at step {first_bad_step} on {processes} process(es). Training stopped; no checkpoint was "
+            f"written after the divergence. Last good checkpoint: {last_checkpoint or 'none (none saved yet)'}. Resume "
+            "from it with a lower --learning_rate, more warmup (--lr_warmup_steps), or --mixed_precision no."
+        )
 
 
 @contextlib.contextmanager
@@ -278,7 +290,9 @@ def _add_optimization_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="Autocast "
                        "precision (default: the accelerate config). bf16 recommended on GPUs; weights and EMA stay "
                        "fp32 and the JVP runs in fp32.")
-    group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 for fp32 matmuls and cuDNN convolutions "
+                       "on Ampere+ GPUs (faster, ~1e-3 relative). Default: both off, set explicitly (also cuDNN's, which "
+                       "PyTorch enables by default), so the fp32 JVP runs in full precision (docs/training.md).")
     group.add_argument("--seed", type=int, default=0, help="Seed of the initialisation, data order and objective draws.")
 
     group = parser.add_argument_group("EMA")
@@ -301,7 +315,9 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--report_to", type=str, default="tensorboard", help="'tensorboard' (default), 'wandb', 'all' "
                        "(tensorboard, and wandb when installed) or 'none'.")
     group.add_argument("--tracker_project_name", type=str, default="train_pmf", help="Tracker project name.")
-    group.add_argument("--logging_steps", type=int, default=1, help="Log scalars every N steps.")
+    group.add_argument("--logging_steps", type=int, default=1, help="Log scalars (averaged over the steps since the last "
+                       "log) every N steps. Only logging steps read values back from the GPU: the non-finite-loss check "
+                       "and --max_train_minutes run there too (and before each checkpoint).")
     group.add_argument("--validation_steps", type=int, default=None, help="Sample a one-step grid (EMA weights, fixed "
                        "seeds and classes) every N steps; 0 = only at the end.")
     group.add_argument("--validation_classes", type=int, nargs="+", default=None, help="Class ids of the grid rows "
@@ -598,12 +614,10 @@ def setup_data_loading(run: TrainingRun) -> None:
     )
     if run.label_index is not None:
         run.collator = RemappedCollator(run.collator, run.label_index)
-    # Fail fast (before the model is prepared) on an unusable first image, e.g. one that is too small.
-    first = next(iter(data.dataset)) if data.streaming else data.dataset[0]
-    try:
-        preprocess_image(first[data.image_column], run.model_config["sample_size"], args.allow_upscale)
-    except OSError:
-        pass  # a corrupt image is skipped during training, not fatal
+    # Fail fast (before the model is prepared) when the data is at a lower resolution than the run: a single small or
+    # unreadable image is skipped and reported during training instead.
+    first_rows = data.dataset.take(64) if data.streaming else data.dataset.select(range(min(64, data.num_examples)))
+    check_first_images(first_rows, data.image_column, run.model_config["sample_size"], args.allow_upscale)
     if data.streaming:
         from datasets.distributed import split_dataset_by_node
 
@@ -619,7 +633,7 @@ def setup_data_loading(run: TrainingRun) -> None:
     run.train_dataloader = torch.utils.data.DataLoader(
         data.dataset, sampler=EpochShuffleSampler(data.num_examples, seed=args.seed), batch_size=run.per_device_batch,
         collate_fn=run.collator, num_workers=args.dataloader_num_workers, drop_last=True,
-        persistent_workers=args.dataloader_num_workers > 0,
+        persistent_workers=args.dataloader_num_workers > 0, **loader_options(run.accelerator.device),
     )
 
 
@@ -665,9 +679,7 @@ def prepare_training(run: TrainingRun) -> None:
         run.ema = MultiEMA(run.ema_params, half_lives_kimg=half_lives, ref_batch=ref_batch)
     run.ema_key = MultiEMA.key_for(export_hl) if export_hl is not None else None
     run.objective_rng = ObjectiveRNG(args.seed, accelerator.device)
-    accelerator.register_for_checkpointing(run.objective_rng)
-    if run.ema is not None:
-        accelerator.register_for_checkpointing(run.ema)
+    TrainingState(accelerator, objective_rng=run.objective_rng, ema=run.ema)  # saved and loaded with the accelerate state
     run.resolved.update(learning_rate=learning_rate, adam_beta2=adam_beta2, ema_half_lives_kimg=half_lives,
                         export_ema_kimg=export_hl)
 
@@ -688,6 +700,10 @@ def resume(run: TrainingRun, resume_path: Path | None) -> None:
         run.global_step = int(meta["global_step"])
         run.data_state = read_data_state(resume_path, accelerator.process_index) or run.data_state
         run.last_checkpoint = resume_path
+        if accelerator.is_main_process:  # the steps after the checkpoint are trained (and logged) again
+            metrics_file = MetricsFile(run.output_dir / args.logging_dir / "metrics.jsonl")
+            if dropped := metrics_file.truncate_after(run.global_step):
+                logger.info(f"Removed {dropped} line(s) after step {run.global_step} from {metrics_file.path}.")
     if run.updates_per_epoch is not None:  # map-style: the data position is a function of the step
         run.data_state = {
             "epoch": run.global_step // run.updates_per_epoch,
@@ -733,8 +749,10 @@ def record_run(run: TrainingRun) -> None:
                           if isinstance(v, (int, float, str, bool))}
         # The wandb run folder goes next to the tensorboard logs unless WANDB_DIR says otherwise.
         wandb_dir = os.environ.get("WANDB_DIR", str(run.output_dir / args.logging_dir))
+        # On resume, tensorboard hides the events of the steps after the checkpoint (logged again).
+        purge = {"purge_step": run.global_step + 1} if run.global_step else {}
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config,
-                                  init_kwargs={"wandb": {"dir": wandb_dir}})
+                                  init_kwargs={"wandb": {"dir": wandb_dir}, "tensorboard": purge})
 
     logger.info("***** Running training *****")
     logger.info(f"  Preset = {run.preset.name}; parameters = {num_parameters / 1e6:.2f}M; recipe = {loss_config}")
@@ -806,9 +824,11 @@ def export(run: TrainingRun, folder: Path, card=None, samples: Path | None = Non
     )
 
 
-def save_training_checkpoint(run: TrainingRun, step: int) -> Path:
+def save_training_checkpoint(run: TrainingRun, step: int, metrics: StepMetrics) -> Path:
     accelerator, args = run.accelerator, run.args
-    # Refuse to save diverged weights (e.g. an inf gradient that left a finite loss).
+    # Refuse to save after a non-finite loss (checked here and at logging steps only: reading it is a device sync),
+    # and diverged weights (e.g. an inf gradient that left a finite loss).
+    raise_if_diverged(*metrics.first_non_finite_step(accelerator), run.last_checkpoint)
     if not weights_are_finite(accelerator, run.unwrapped.parameters()):
         raise NonFiniteLossError(
             f"Non-finite weights after step {step}: not saving a checkpoint. Last good checkpoint: "
@@ -837,60 +857,74 @@ def save_training_checkpoint(run: TrainingRun, step: int) -> Path:
 
 @dataclass
 class LoopStats:
-    history: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10_000))  # recent steps
-    corrupt_seen: dict[str, int] = field(default_factory=dict)
-    corrupt_total: int = 0
+    history: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10_000))  # logged steps
+    skipped_seen: dict[str, dict[str, int]] = field(default_factory=lambda: {"corrupt": {}, "too_small": {}})
+    skipped_total: dict[str, int] = field(default_factory=lambda: {"corrupt": 0, "too_small": 0})  # all processes
     last_validation: int | None = None
     last_validation_grid: Path | None = None
 
 
-def training_step(run: TrainingRun, batch: dict, epoch: int, micro_step: int) -> torch.Tensor:
-    """One micro-step (forward, backward, optimizer step when gradients sync); returns the summed statistics
-    [loss, loss_u, loss_v, loss_lpips, loss_convnext, non-finite processes, images, unreadable images]."""
+def training_step(run: TrainingRun, batch: dict, micro_step: int, metrics: StepMetrics) -> None:
+    """One micro-step (forward, backward, optimizer step when gradients sync). Nothing is read back from the device:
+    the losses are accumulated in `metrics`, read at logging steps (docs/training.md, "Host syncs")."""
     accelerator = run.accelerator
     images, labels = batch["pixel_values"], batch["class_labels"]
     if images.shape[0] == 0:
-        raise DatasetError(f"Every image of a batch was unreadable ({[p for p, _ in batch['corrupt']]}).")
-    images, labels = images.to(accelerator.device, non_blocking=True), labels.to(accelerator.device)
+        raise DatasetError(f"Every image of a batch was skipped: {(batch['corrupt'] + batch['too_small'])[:4]}.")
+    images = images.to(accelerator.device, non_blocking=True)  # no-ops when accelerate already moved the batch
+    labels = labels.to(accelerator.device, non_blocking=True)
     with accelerator.accumulate(run.model):
         generator = run.objective_rng.for_step(run.global_step, micro_step, accelerator.process_index)
         with accelerator.autocast():
-            out = pmf_loss(run.model, images, labels, run.loss_config, generator=generator, perceptual=run.perceptual)
-        loss = out.loss
-        stats = torch.stack([
-            loss.detach().float(), out.loss_u.float(), out.loss_v.float(), out.loss_lpips.float(),
-            out.loss_convnext.float(),
-            (~torch.isfinite(loss.detach())).float(),
-            torch.tensor(float(images.shape[0]), device=accelerator.device),
-            torch.tensor(float(len(batch["corrupt"])), device=accelerator.device),
-        ])
-        stats = accelerator.reduce(stats, "sum")
-        if stats[5].item() > 0:
-            raise NonFiniteLossError(
-                f"Non-finite loss ({stats[0].item()}) at step {run.global_step + 1} (epoch {epoch}) on "
-                f"{int(stats[5].item())} process(es). Training stopped; no checkpoint was written after the "
-                f"divergence. Last good checkpoint: {run.last_checkpoint or 'none (none saved yet)'}. Resume "
-                "from it with a lower --learning_rate, more warmup (--lr_warmup_steps), or --mixed_precision no."
-            )
-        accelerator.backward(loss)
+            out = pmf_loss(run.model, images, labels, run.loss_config, generator=generator, perceptual=run.perceptual,
+                           crop_generator=run.objective_rng.host_generator)
+        metrics.add(out, run.global_step + 1, images=images.shape[0], corrupt=len(batch["corrupt"]),
+                    too_small=len(batch["too_small"]))
+        accelerator.backward(out.loss)
         if accelerator.sync_gradients and run.args.max_grad_norm > 0:
             accelerator.clip_grad_norm_(run.model.parameters(), run.args.max_grad_norm)
         run.optimizer.step()
         run.lr_scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
-    return stats
+
+
+def note_skipped_images(stats: LoopStats, batch: dict) -> None:
+    for kind, label in (("corrupt", "unreadable image"), ("too_small", "image")):
+        seen = stats.skipped_seen[kind]
+        for path, reason in batch[kind]:
+            if path not in seen:
+                logger.warning(f"Skipping {label} {path}: {reason}", main_process_only=False)
+            seen[path] = seen.get(path, 0) + 1
+
+
+def log_step(run: TrainingRun, stats: LoopStats, metrics: StepMetrics, epoch: int, over_time: bool) -> bool:
+    """Read the statistics of the steps since the last log (one gather, one sync), stop on a non-finite loss, log
+    them; True when the --max_train_minutes budget is spent on any process."""
+    accelerator, step = run.accelerator, run.global_step
+    values = metrics.collect(accelerator, over_time=float(over_time))
+    raise_if_diverged(values["first_bad_step"], values["bad_processes"], run.last_checkpoint)
+    for kind in stats.skipped_total:
+        stats.skipped_total[kind] += int(values[kind])
+    logs = {**{name: values[name] for name in LOSS_NAMES}, "lr": run.lr_scheduler.get_last_lr()[0],
+            "img_per_sec": values["img_per_sec"], "epoch": epoch, "corrupt_images": stats.skipped_total["corrupt"],
+            "too_small_images": stats.skipped_total["too_small"]}
+    stats.history.append({"step": step, **logs})
+    accelerator.log(logs, step=step)
+    if accelerator.is_main_process:
+        MetricsFile(run.output_dir / run.args.logging_dir / "metrics.jsonl").append({"step": step, **logs})
+    if values["over_time"] > 0:
+        logger.info(f"--max_train_minutes {run.args.max_train_minutes} reached at step {step}.")
+    return values["over_time"] > 0
 
 
 def train_loop(run: TrainingRun) -> LoopStats:
-    args, accelerator, world = run.args, run.accelerator, run.accelerator.num_processes
+    args, accelerator = run.args, run.accelerator
     validation_steps = args.validation_steps if args.validation_steps is not None else run.preset.validation_steps
     checkpointing_steps = args.checkpointing_steps if args.checkpointing_steps is not None else run.preset.checkpointing_steps
-    metrics_file = run.output_dir / args.logging_dir / "metrics.jsonl"
-    stats = LoopStats()
+    stats, metrics = LoopStats(), StepMetrics(accelerator.device)
     progress_bar = tqdm(range(run.max_train_steps), initial=run.global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
-    step_start = train_start = time.perf_counter()
-    images_this_step, micro_step = 0.0, 0
+    train_start, micro_step, epoch = time.perf_counter(), 0, run.data_state["epoch"]
     if run.global_step >= run.max_train_steps:
         logger.info(f"Already at step {run.global_step} ≥ {run.max_train_steps}: nothing to train.")
         batch_source = ()
@@ -898,63 +932,42 @@ def train_loop(run: TrainingRun) -> LoopStats:
         batch_source = resumable_batches(
             accelerator, run.data_state, dataloader=run.train_dataloader, stream=run.stream,
             batch_size=run.per_device_batch, collate_fn=run.collator, num_workers=args.dataloader_num_workers,
-            source=run.data.source,
+            pin_memory=loader_options(accelerator.device)["pin_memory"], source=run.data.source,
         )
     for batch, epoch in batch_source:
-        for path, reason in batch["corrupt"]:
-            if path not in stats.corrupt_seen:
-                logger.warning(f"Skipping unreadable image {path}: {reason}", main_process_only=False)
-            stats.corrupt_seen[path] = stats.corrupt_seen.get(path, 0) + 1
-        step_stats = training_step(run, batch, epoch, micro_step)
+        note_skipped_images(stats, batch)
+        training_step(run, batch, micro_step, metrics)
         micro_step += 1
-        images_this_step += step_stats[6].item()
-        stats.corrupt_total += int(step_stats[7].item())
         if not accelerator.sync_gradients:
             continue
         run.global_step += 1
         micro_step = 0
         if run.ema is not None:
             run.ema.step(run.ema_params, global_step=run.global_step)
-        now = time.perf_counter()
-        img_per_sec = images_this_step / max(now - step_start, 1e-9)
-        step_start, images_this_step = now, 0.0
-        values = step_stats[:5] / world
-        logs = {
-            "loss": values[0].item(), "loss_u": values[1].item(), "loss_v": values[2].item(),
-            "loss_lpips": values[3].item(), "loss_convnext": values[4].item(),
-            "lr": run.lr_scheduler.get_last_lr()[0], "img_per_sec": img_per_sec, "epoch": epoch,
-            "corrupt_images": stats.corrupt_total,
-        }
-        stats.history.append({"step": run.global_step, **logs})
         progress_bar.update(1)
-        progress_bar.set_postfix(loss=f"{logs['loss']:.3f}", loss_u=f"{logs['loss_u']:.4f}", img_s=f"{img_per_sec:.0f}")
-        if run.global_step % args.logging_steps == 0:
-            accelerator.log(logs, step=run.global_step)
-            if accelerator.is_main_process:
-                metrics_file.parent.mkdir(parents=True, exist_ok=True)
-                with metrics_file.open("a") as handle:
-                    handle.write(json.dumps({"step": run.global_step, **logs}) + "\n")
+        out_of_time = False
+        if run.global_step % args.logging_steps == 0:  # the only steps that read values back from the device
+            over = args.max_train_minutes is not None and time.perf_counter() - train_start > 60 * args.max_train_minutes
+            out_of_time = log_step(run, stats, metrics, epoch, over)
+            progress_bar.set_postfix(loss=f"{stats.history[-1]['loss']:.3f}", loss_u=f"{stats.history[-1]['loss_u']:.4f}",
+                                     img_s=f"{stats.history[-1]['img_per_sec']:.0f}")
         if validation_steps and run.global_step % validation_steps == 0:
             stats.last_validation_grid = run_validation(run, run.global_step)
             stats.last_validation = run.global_step
         if checkpointing_steps and run.global_step % checkpointing_steps == 0:
-            save_training_checkpoint(run, run.global_step)
-        if run.global_step >= run.max_train_steps:
+            save_training_checkpoint(run, run.global_step, metrics)
+        if run.global_step >= run.max_train_steps or out_of_time:
             break
-        if args.max_train_minutes is not None:
-            over = torch.tensor(float(time.perf_counter() - train_start > 60 * args.max_train_minutes),
-                                device=accelerator.device)
-            if accelerator.reduce(over, "sum").item() > 0:  # every process stops at the same step
-                logger.info(f"--max_train_minutes {args.max_train_minutes} reached at step {run.global_step}.")
-                break
     progress_bar.close()
+    if metrics.micro_steps:  # the steps since the last log: logged, and checked before anything is saved
+        log_step(run, stats, metrics, epoch, over_time=False)
 
     # A final checkpoint, so that a time-boxed or shortened run can be continued.
     step = run.global_step
     if checkpointing_steps and step > 0 and step % checkpointing_steps and (
         run.last_checkpoint is None or checkpoint_step(run.last_checkpoint) != step
     ):
-        save_training_checkpoint(run, step)
+        save_training_checkpoint(run, step, metrics)
     if stats.last_validation != step:
         stats.last_validation_grid = run_validation(run, step)
     return stats
@@ -984,10 +997,11 @@ def finish(run: TrainingRun, stats: LoopStats) -> dict:
                 sample_seed=args.seed, images_per_class=args.validation_images_per_class,
             )
         exported = export(run, run.output_dir, card=card, samples=samples)
-    if stats.corrupt_seen:
-        logger.warning(f"Skipped {sum(stats.corrupt_seen.values())} unreadable image read(s) ({len(stats.corrupt_seen)} "
-                       f"distinct file(s)) on process {accelerator.process_index}: {sorted(stats.corrupt_seen)[:10]}",
-                       main_process_only=False)
+    for kind, seen in stats.skipped_seen.items():
+        if seen:
+            logger.warning(f"Skipped {sum(seen.values())} {'unreadable' if kind == 'corrupt' else 'too small'} image "
+                           f"read(s) ({len(seen)} distinct file(s)) on process {accelerator.process_index}: "
+                           f"{sorted(seen)[:10]}", main_process_only=False)
     if accelerator.is_main_process and args.push_to_hub:
         if run.lora_config is None:
             from pmf_diffusers.hub import push_pipeline_to_hub
@@ -1012,8 +1026,9 @@ def finish(run: TrainingRun, stats: LoopStats) -> dict:
         "pipeline_dir": run.output_dir / "pipeline" if run.lora_config is None else None,
         "lora_dir": run.output_dir / "lora" if run.lora_config is not None else None,
         "last_checkpoint": run.last_checkpoint,
-        "corrupt_images": dict(stats.corrupt_seen),
-        "corrupt_total": stats.corrupt_total,
+        "corrupt_images": dict(stats.skipped_seen["corrupt"]),
+        "corrupt_total": stats.skipped_total["corrupt"],
+        "too_small_images": dict(stats.skipped_seen["too_small"]),
     }
 
 
@@ -1038,7 +1053,8 @@ def main(args: argparse.Namespace) -> dict:
         report_to = ["tensorboard", "wandb"] if is_wandb_available() else ["tensorboard"]
     project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision, log_with=report_to, project_config=project_config)
+                              mixed_precision=args.mixed_precision, log_with=report_to, project_config=project_config,
+                              dataloader_config=DataLoaderConfiguration(non_blocking=True))  # with pinned memory
     try:
         return _train(args, accelerator, preset, output_dir)
     finally:
@@ -1052,12 +1068,11 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
     if accelerator.distributed_type == DistributedType.FSDP and args.lora_rank is not None:
         raise TrainingSetupError("--lora_rank is not supported with FSDP (the adapter is small): use DDP "
                                  "(`accelerate launch --multi_gpu`).")
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if torch.cuda.is_available():  # the TF32 policy, explicit both ways (the library never sets torch.backends)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
     if preset is not None:  # cheap checks first
         resolve_batch_sizes(args, preset, accelerator.num_processes)
-    resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
+    resume_path = find_resume_checkpoint(accelerator, args.resume_from_checkpoint, output_dir)  # verified
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         logger.info(f"No complete checkpoint in {output_dir}: starting a new training run.")
     with setup_errors("--new_label_set: "):
@@ -1083,7 +1098,7 @@ def cli(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         main(args)
-    except (TrainingSetupError, CheckpointError, DatasetError, PerceptualWeightsNotFoundError) as err:
+    except (TrainingSetupError, CheckpointError, CheckpointSaveError, DatasetError, PerceptualWeightsNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:

@@ -32,6 +32,7 @@ from pmf_diffusers.remote_code import (
     REMOTE_CODE_FILENAME,
     REMOTE_CODE_FORMAT,
     RemoteCodeVersionError,
+    package_shim_source,
     remote_code_source,
     write_remote_code,
 )
@@ -50,15 +51,16 @@ def modules_cache(monkeypatch, tmp_path):
     """diffusers copies remote code into HF_MODULES_CACHE and imports it as `diffusers_modules.*`: keep both local to
     the test."""
 
-    def forget_remote_modules():
-        for name in [name for name in sys.modules if name.startswith("diffusers_modules")]:
-            monkeypatch.delitem(sys.modules, name)
+    def remote_modules():
+        return [name for name in sys.modules if name.startswith("diffusers_modules")]
 
     monkeypatch.setattr(dynamic_modules, "HF_MODULES_CACHE", str(tmp_path / "modules"))
     monkeypatch.setattr(sys, "path", list(sys.path))
-    forget_remote_modules()
+    for name in remote_modules():
+        monkeypatch.delitem(sys.modules, name)  # put back after the test
     yield
-    forget_remote_modules()
+    for name in remote_modules():
+        del sys.modules[name]  # this test's
 
 
 def generic_load(source, **kwargs):
@@ -121,14 +123,14 @@ def test_bundled_model(modules_cache):
     assert torch.equal(expected, sample(load_bundled_pipeline(), labels=(0, 9)))
 
 
-def test_bundled_remote_code_is_generated_from_the_current_source():
-    """The bundled folder's code is the generator's output, not a hand-kept copy."""
+def test_bundled_models_carry_the_package_shim():
+    """The bundled folders ship inside the package, so their loader code is the installed package (no generated copy
+    that would go stale with every source change)."""
     folder = bundled_model_path()
-    source = remote_code_source()
-    stale = [path for path in CODE_FILES if (folder / path).read_text(encoding="utf-8") != source]
+    stale = [path for path in CODE_FILES if (folder / path).read_text(encoding="utf-8") != package_shim_source()]
     assert not stale, (
-        f"stale remote code in {folder}: {stale}; regenerate it with `python -c \"from pmf_diffusers.remote_code "
-        f"import write_remote_code; write_remote_code('src/pmf_diffusers/bundled/{folder.name}')\"`"
+        f"unexpected loader code in {folder}: {stale}; rewrite it with `python -c \"from pmf_diffusers.remote_code "
+        f"import write_remote_code; write_remote_code('src/pmf_diffusers/bundled/{folder.name}', self_contained=False)\"`"
     )
 
 

@@ -147,7 +147,8 @@ def test_quick_cpu_run(tmp_path, fake_official, monkeypatch):
     for batch in (1, 4):
         official = [r for r in rows if r["batch"] == batch and r["sampler"] == "official generate"]
         ours = [r for r in rows if r["batch"] == batch and r["sampler"] == "PMFPipeline" and r["attention"] == "native"]
-        assert len(official) == 1 and {(r["dtype"], r["mode"]) for r in ours} >= {("float32", "eager"), ("bfloat16", "eager")}
+        assert len(official) == 1
+        assert {(r["dtype"], r["mode"]) for r in ours} >= {("float32", "eager"), ("bfloat16", "eager")}
         for row in ours:
             assert row["speedup_vs_official"] > 0 and row["images_per_s"] > 0 and row["gflops"] > 0
             assert row["max_rel_dev"] <= (1e-5 if row["dtype"] == "float32" else 0.1)

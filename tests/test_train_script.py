@@ -22,6 +22,7 @@ from PIL import Image
 
 from pmf_diffusers import PMFPipeline, PMFScheduler, PMFTransformer2DModel
 from pmf_diffusers.training import PMFLossConfig, pmf_loss, sample_draws
+from pmf_diffusers.training.checkpointing import read_training_state
 from pmf_diffusers.training.data import (
     CorruptImageError,
     DatasetError,
@@ -299,8 +300,7 @@ def test_fsdp_matches_ddp(ddp_run, fsdp_run):
 
     raw = _fsdp_checkpoint_weights(fsdp_run / "checkpoint-4")
     assert _max_rel_errs(raw, load_file(ddp_run / "checkpoint-4" / "model.safetensors")) < 1e-5
-    ema_fsdp, ema_ddp = (torch.load(run / "checkpoint-4" / "custom_checkpoint_1.pkl", weights_only=False)
-                         for run in (fsdp_run, ddp_run))
+    ema_fsdp, ema_ddp = (read_training_state(run / "checkpoint-4")["ema"] for run in (fsdp_run, ddp_run))
     for key in ema_ddp:
         shadows = ema_fsdp[key]["shadow_params"]
         assert all(type(shadow) is torch.Tensor for shadow in shadows)  # full tensors, not one process's shard
@@ -461,7 +461,8 @@ def test_perceptual_losses_are_wired_but_not_prepared_or_checkpointed(tmp_path, 
     assert created[0]["vgg_path"] == "/some/vgg16.pth"
     assert all(h["loss_lpips"] > 0 and h["loss_convnext"] > 0 for h in straight["history"])
     checkpoint = tmp_path / "a" / "checkpoint-2"
-    assert sorted(p.name for p in checkpoint.glob("custom_checkpoint_*")) == ["custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl"]
+    assert not list(checkpoint.glob("custom_checkpoint_*"))  # the EMA and objective state: safetensors + JSON
+    assert set(read_training_state(checkpoint)) == {"objective_rng", "ema"}
     from safetensors.torch import load_file
 
     assert set(load_file(checkpoint / "model.safetensors")) == set(straight["model"].state_dict())

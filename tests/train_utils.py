@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 
 from pmf_diffusers.training import MultiEMA, PMFLossConfig
+from pmf_diffusers.training.checkpointing import TrainingState
 from pmf_diffusers.training.distributed import full_tensor, unwrap_model
 from pmf_diffusers.training.presets import TRAINING_PRESETS, TrainingPreset
 
@@ -52,9 +53,11 @@ def add_tiny_test_preset(monkeypatch) -> None:
 
 
 def trained_objects(accelerator) -> dict:
-    """{"model": the prepared model, unwrapped; "ema": the registered `MultiEMA`} (None when not created yet)."""
+    """{"model": the prepared model, unwrapped; "ema": the `MultiEMA` of the run's `TrainingState` (registered through
+    the accelerator's save-state hook)} (None when not created yet)."""
     models = getattr(accelerator, "_models", [])
-    ema = next((obj for obj in getattr(accelerator, "_custom_objects", []) if isinstance(obj, MultiEMA)), None)
+    states = [getattr(hook, "__self__", None) for hook in getattr(accelerator, "_save_model_state_pre_hook", {}).values()]
+    ema = next((s.objects.get("ema") for s in states if isinstance(s, TrainingState)), None)
     return {"model": unwrap_model(accelerator, models[0]) if models else None, "ema": ema}
 
 

@@ -195,6 +195,32 @@ def _available_token(token: str | None = None) -> str | None:
         return None
 
 
+def _push_endpoint_and_token(endpoint: str | None, token: str | None, *, dry_run: bool, dry_run_hint: str = ", or use a dry run"):
+    """The endpoint and token of a push (or a dry run). `HF_ENDPOINT` is read now (huggingface_hub's own constant
+    froze it at import time). A push refuses offline mode and needs a token; a dry run takes the token when one is
+    available, to check the files for it exactly as a push would."""
+    from .loading import hub_offline
+
+    if endpoint is None:
+        endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or None
+    if dry_run:
+        return endpoint, _available_token(token)
+    if hub_offline():
+        raise HubPushError(f"offline mode is on (HF_HUB_OFFLINE=1): unset it to push{dry_run_hint}")
+    return endpoint, resolve_token(token)
+
+
+def _staging_folder(staging_dir: str | Path | None, stack: contextlib.ExitStack, prefix: str) -> Path:
+    """`staging_dir` (new or empty, kept afterwards), else a temporary folder removed when `stack` closes."""
+    if staging_dir is None:
+        return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+    staging_dir = Path(staging_dir)
+    if staging_dir.exists() and any(staging_dir.iterdir()):
+        raise HubPushError(f"staging folder {staging_dir} is not empty")
+    staging_dir.mkdir(parents=True, exist_ok=True)
+    return staging_dir
+
+
 def _list_files(folder: Path) -> list[tuple[str, int]]:
     """(path relative to `folder`, size in bytes) of every file under `folder`, sorted."""
     return sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
@@ -685,7 +711,6 @@ def push_pipeline_to_hub(
         A `PushResult` listing the files (and, after a real push, the repo, commit and pull-request URLs).
     """
     from . import __version__
-    from .loading import hub_offline
 
     repo_id = check_repo_id(repo_id)
     if card_kind is not None and card_kind not in CARD_KINDS:
@@ -694,25 +719,13 @@ def push_pipeline_to_hub(
         raise HubPushError(f"invalid revision {revision!r}")
     if create_pr and revision not in (None, "main"):
         raise HubPushError("a pull request is opened against main: drop the revision, or push to the branch without create_pr")
-    if endpoint is None:  # HF_ENDPOINT as it is now (huggingface_hub's own constant froze it at import time)
-        endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or None
-    if not dry_run:
-        if hub_offline():
-            raise HubPushError("offline mode is on (HF_HUB_OFFLINE=1): unset it to push, or use a dry run")
-        token = resolve_token(token)
-    else:
-        token = _available_token(token)  # a dry run checks the files for the token exactly as a push would
+    endpoint, token = _push_endpoint_and_token(endpoint, token, dry_run=dry_run)
 
     pipeline, folder = _pipeline_and_folder(pipeline_or_folder)
     kind, preset, fields = _card_context(pipeline, repo_id, card_kind, card_info)
 
-    if staging_dir is not None:
-        staging_dir = Path(staging_dir)
-        if staging_dir.exists() and any(staging_dir.iterdir()):
-            raise HubPushError(f"staging folder {staging_dir} is not empty")
-        staging_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        stage = staging_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pmf-push-")))
+        stage = _staging_folder(staging_dir, stack, prefix="pmf-push-")
         skipped = _stage_pipeline(pipeline, folder, stage)
         _stage_card_and_samples(pipeline, stage, kind, fields, sample_grid)
         files = _list_files(stage)
@@ -790,14 +803,9 @@ def push_adapter_to_hub(
     offline mode refused, token from huggingface_hub's usual sources (never printed), no file holding the token
     uploaded, Hub errors as one-line [`HubPushError`]s."""
     from . import __version__
-    from .loading import hub_offline
 
     repo_id = check_repo_id(repo_id)
-    if hub_offline():
-        raise HubPushError("offline mode is on (HF_HUB_OFFLINE=1): unset it to push")
-    token = resolve_token(token)
-    if endpoint is None:
-        endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or None
+    endpoint, token = _push_endpoint_and_token(endpoint, token, dry_run=False, dry_run_hint="")
     folder = Path(folder)
     files = _list_files(folder)
     check_no_token_in_files(folder, files, token)
@@ -964,17 +972,8 @@ def push_space_to_hub(
         endpoint: Hub endpoint; defaults to `HF_ENDPOINT` (read at call time), else https://huggingface.co.
         staging_dir: Stage into this (new or empty) folder and keep it, e.g. to inspect a dry run.
     """
-    from .loading import hub_offline
-
     repo_id = check_repo_id(repo_id)
-    if endpoint is None:
-        endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or None
-    if not dry_run:
-        if hub_offline():
-            raise HubPushError("offline mode is on (HF_HUB_OFFLINE=1): unset it to push, or use a dry run")
-        token = resolve_token(token)
-    else:
-        token = _available_token(token)
+    endpoint, token = _push_endpoint_and_token(endpoint, token, dry_run=dry_run)
     checkout = source_checkout()
     if app_dir is None:
         if checkout is None:
@@ -991,13 +990,8 @@ def push_space_to_hub(
             "pmf_diffusers is not imported from a source checkout: pass a built wheel (wheel=... / --wheel)"
         )
 
-    if staging_dir is not None:
-        staging_dir = Path(staging_dir)
-        if staging_dir.exists() and any(staging_dir.iterdir()):
-            raise HubPushError(f"staging folder {staging_dir} is not empty")
-        staging_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        stage = staging_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pmf-space-")))
+        stage = _staging_folder(staging_dir, stack, prefix="pmf-space-")
         shutil.copytree(app_dir, stage, ignore=shutil.ignore_patterns(*SPACE_IGNORED), dirs_exist_ok=True)
         sdk = _space_sdk(stage / CARD_FILENAME, stage)
         if wheel is None:

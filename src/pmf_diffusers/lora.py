@@ -8,16 +8,9 @@ The code lives in three modules, each with one job; this module only re-exports 
 * `pmf_diffusers.labels`: label sets (`id2label`) and label-set files.
 """
 
+from . import loaders
 from .labels import label_set_index, read_label_set, validate_id2label
-from .loaders.lora_pmf import (
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_FORMAT,
-    ADAPTER_FORMAT_VERSION,
-    CLASS_EMBEDDINGS_KEY,
-    CLASS_EMBEDDINGS_NAME,
-    PMFLoraLoaderMixin,
-    pmf_base_model_info,
-)
+from .loaders import *  # noqa: F403 - the adapter format and the loader mixin, as `pmf_diffusers.loaders` exports them
 from .training.lora import (
     PMF_LORA_TARGETS,
     add_pmf_lora,
@@ -29,18 +22,12 @@ from .training.lora import (
 )
 
 __all__ = [
-    "ADAPTER_CONFIG_NAME",
-    "ADAPTER_FORMAT",
-    "ADAPTER_FORMAT_VERSION",
-    "CLASS_EMBEDDINGS_KEY",
-    "CLASS_EMBEDDINGS_NAME",
+    *loaders.__all__,
     "PMF_LORA_TARGETS",
-    "PMFLoraLoaderMixin",
     "add_pmf_lora",
     "init_v_head_from_u_head",
     "label_set_index",
     "load_pmf_lora_state",
-    "pmf_base_model_info",
     "read_label_set",
     "replace_class_table",
     "resolve_lora_targets",

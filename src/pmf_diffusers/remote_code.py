@@ -399,10 +399,27 @@ def remote_code_files(index: dict) -> list[str]:
     return files
 
 
-def write_remote_code(folder: str | os.PathLike) -> list[str]:
+def package_shim_source() -> str:
+    """The module written into the folders that ship inside the package (the bundled models): those are only reachable
+    with pmf-diffusers installed, so their loader code is the installed package itself rather than a generated copy
+    that would have to be regenerated on every source change."""
+    lines = [
+        "# Loader code of a model bundled with pmf-diffusers: it ships inside the installed package, so diffusers'",
+        "# generic loader gets the package's own classes (DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)).",
+        f"from pmf_diffusers.{_ENTRY_MODULE} import {PIPELINE_CLASS}  # noqa: F401",
+    ]
+    lines += [
+        f"from pmf_diffusers.{package_module} import {class_name}  # noqa: F401"
+        for class_name, package_module in COMPONENT_CLASSES.values()
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_remote_code(folder: str | os.PathLike, self_contained: bool = True) -> list[str]:
     """Make a saved `PMFPipeline` folder loadable with `DiffusionPipeline.from_pretrained(folder,
     trust_remote_code=True)`: write the generated module to the root and to the model and scheduler folders, and
     point `model_index.json` at it. Safe to run again; also upgrades folders written by older versions.
+    `self_contained=False` writes the package shim instead (for the models bundled inside the package).
 
     Returns the files written (relative to `folder`).
     """
@@ -414,7 +431,7 @@ def write_remote_code(folder: str | os.PathLike) -> list[str]:
         raise FileNotFoundError(f"{folder} has no model_index.json: save the pipeline first") from None
     if pipeline_class_name(index) != PIPELINE_CLASS:
         raise ValueError(f"{folder} holds a {pipeline_class_name(index)!r}, not a {PIPELINE_CLASS}")
-    source = remote_code_source()
+    source = remote_code_source() if self_contained else package_shim_source()
     written = remote_code_files(index)
     for relative in written:
         (folder / relative).parent.mkdir(parents=True, exist_ok=True)

@@ -35,13 +35,9 @@ def add_parser(subparsers):
     )
     parser.add_argument("folder", help="a saved PMFPipeline folder (pipe.save_pretrained / pmf convert output)")
     parser.add_argument("repo_id", help="Hub repo id, namespace/name")
-    parser.add_argument(
-        "--private", action="store_const", const=True, default=None,
-        help="create the repo private (ignored when it exists)",
-    )
+    add_upload_arguments(parser, "repo")
     parser.add_argument("--revision", default=None, metavar="BRANCH", help="branch to push to (created from main if missing)")
     parser.add_argument("--create-pr", action="store_true", help="open a pull request against main instead of committing")
-    parser.add_argument("--commit-message", default=None, metavar="MESSAGE")
     parser.add_argument(
         "--card-kind", choices=CARD_KINDS, default=None,
         help="model card: 'official' (converted released weights) or 'trained'; default: decided from the pipeline",
@@ -54,14 +50,38 @@ def add_parser(subparsers):
     parser.add_argument("--base-model", default=None, metavar="REPO_ID", help="Hub id of the model this was fine-tuned from")
     parser.add_argument("--license", default=None, help="license id of trained weights (default mit)")
     parser.add_argument("--no-samples", action="store_true", help="do not render samples.png")
-    parser.add_argument("--dry-run", action="store_true", help="list the files that would be uploaded; send nothing")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def add_upload_arguments(parser, target: str) -> None:
+    """The options every push command shares (`pmf push`, `pmf push-space`); `target` names what is created."""
+    parser.add_argument(
+        "--private", action="store_const", const=True, default=None,
+        help=f"create the {target} private (ignored when it exists)",
+    )
+    parser.add_argument("--commit-message", default=None, metavar="MESSAGE")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="stage and list the files that would be uploaded; send nothing"
+    )
     parser.add_argument("--staging-dir", default=None, metavar="DIR", help="stage into DIR and keep it (inspect a dry run)")
     parser.add_argument(
         "--token-file", default=None, metavar="PATH",
         help="read the Hub token from this file (default: HF_TOKEN or the `hf auth login` token)",
     )
-    parser.set_defaults(func=run)
-    return parser
+
+
+def upload_options(args) -> dict:
+    """The keyword arguments of `hub.push_*_to_hub` that the options of `add_upload_arguments` set."""
+    from ..hub import read_token_file
+
+    return {
+        "private": args.private,
+        "token": read_token_file(args.token_file) if args.token_file else None,
+        "commit_message": args.commit_message,
+        "dry_run": args.dry_run,
+        "staging_dir": args.staging_dir,
+    }
 
 
 def _card_info(args) -> dict:
@@ -85,22 +105,18 @@ def _card_info(args) -> dict:
 
 
 def run(args) -> int:
-    from ..hub import push_pipeline_to_hub, read_token_file
+    from ..hub import push_pipeline_to_hub
 
-    token = read_token_file(args.token_file) if args.token_file else None
+    options = upload_options(args)
     result = push_pipeline_to_hub(
         args.folder,
         args.repo_id,
-        private=args.private,
-        token=token,
         revision=args.revision,
         create_pr=args.create_pr,
-        commit_message=args.commit_message,
         card_kind=args.card_kind,
         card_info=_card_info(args),
         sample_grid=not args.no_samples,
-        dry_run=args.dry_run,
-        staging_dir=args.staging_dir,
+        **options,
     )
     print(result.summary())
     return EXIT_OK

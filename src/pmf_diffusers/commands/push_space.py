@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from . import EXIT_OK, add_command_parser
+from .push import add_upload_arguments, upload_options
 
 EPILOG = """\
 pmf-diffusers is not on the package index, so the Space carries it: the package is built as a wheel from this
@@ -38,38 +39,14 @@ def add_parser(subparsers):
         "--wheel", default=None, metavar="WHEEL",
         help="a built pmf_diffusers wheel to ship (default: build one from this checkout with pip)",
     )
-    parser.add_argument(
-        "--private", action="store_const", const=True, default=None,
-        help="create the Space private (ignored when it exists)",
-    )
-    parser.add_argument("--commit-message", default=None, metavar="MESSAGE")
-    parser.add_argument(
-        "--dry-run", action="store_true", help="stage and list the files that would be uploaded; send nothing"
-    )
-    parser.add_argument(
-        "--staging-dir", default=None, metavar="DIR", help="stage into DIR and keep it (inspect a dry run)"
-    )
-    parser.add_argument(
-        "--token-file", default=None, metavar="PATH",
-        help="read the Hub token from this file (default: HF_TOKEN or the `hf auth login` token)",
-    )
+    add_upload_arguments(parser, "Space")
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args) -> int:
-    from ..hub import push_space_to_hub, read_token_file
+    from ..hub import push_space_to_hub
 
-    token = read_token_file(args.token_file) if args.token_file else None
-    result = push_space_to_hub(
-        args.repo_id,
-        app_dir=args.app_dir,
-        wheel=args.wheel,
-        private=args.private,
-        token=token,
-        commit_message=args.commit_message,
-        dry_run=args.dry_run,
-        staging_dir=args.staging_dir,
-    )
+    result = push_space_to_hub(args.repo_id, app_dir=args.app_dir, wheel=args.wheel, **upload_options(args))
     print(result.summary())
     return EXIT_OK

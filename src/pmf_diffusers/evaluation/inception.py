@@ -267,11 +267,8 @@ class _MixedE(nn.Module):  # 8×8 blocks with split 1×3 / 3×1 outputs (Mixed_7
 
 
 def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def resolve_inception_weights(path: str | Path | None = None, *, download: bool = False) -> Path:

@@ -85,11 +85,8 @@ def write_json_durably(path: Path, value) -> None:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def record_files(folder: Path, exclude: Iterable[str] = (CHECKPOINT_MARKER,)) -> dict[str, dict]:

@@ -10,7 +10,10 @@ Everything here is plain PIL / numpy / torch (no torchvision).
 * :func:`load_training_dataset` — an image folder (``load_dataset("imagefolder", data_dir=...)``) or a Hub dataset,
   optionally streamed, with the image column cast to ``decode=False`` (we decode ourselves to know the path).
 * :class:`ImageCollator` — the DataLoader ``collate_fn``: decode → RGB → crop → uint8 → [-1, 1] NCHW; corrupt images
-  are dropped from the batch and reported (path + reason) in the batch dict, never silently.
+  and images smaller than the resolution (without ``allow_upscale``) are dropped from the batch and reported (path +
+  reason) in the batch dict, never silently, so one bad file cannot stop a run after hours of training.
+* :func:`check_first_images` — the fail-fast check before training: when the first images of the dataset are *all*
+  smaller than the resolution (read from their headers, without decoding), the data is at the wrong resolution.
 * :class:`EpochShuffleSampler` — a seeded permutation per epoch (``torch.randperm`` with seed + epoch), so data order
   is a pure function of (seed, epoch) and an exact resume only needs to skip batches.
 """
@@ -39,9 +42,12 @@ __all__ = [
     "TrainingDatasetInfo",
     "adm_center_crop",
     "decode_image",
+    "loader_options",
     "pil_to_tensor",
     "preprocess_image",
+    "check_first_images",
     "check_image_folder",
+    "image_size",
     "load_training_dataset",
     "ImageCollator",
     "EpochShuffleSampler",
@@ -159,6 +165,52 @@ def preprocess_image(cell: Any, size: int, allow_upscale: bool = False) -> torch
     return pil_to_tensor(adm_center_crop(image, size, allow_upscale=allow_upscale, path=where))
 
 
+def image_size(cell: Any) -> tuple[tuple[int, int], str]:
+    """((width, height), description) of an image cell, read from its header (PIL opens lazily: no decoding)."""
+    if isinstance(cell, Image.Image):
+        return cell.size, getattr(cell, "filename", "") or "<PIL image>"
+    if isinstance(cell, (str, os.PathLike)):
+        cell = {"path": os.fspath(cell), "bytes": None}
+    path, data = (cell.get("path"), cell.get("bytes")) if isinstance(cell, dict) else (None, None)
+    where = path or "<in-memory bytes>"
+    try:
+        with Image.open(io.BytesIO(data) if data is not None else path) as image:
+            return image.size, where
+    except Exception as err:
+        raise CorruptImageError(f"Cannot read the header of image {where}: {type(err).__name__}: {err}") from None
+
+
+def check_first_images(rows, image_column: str, size: int, allow_upscale: bool = False) -> None:
+    """Raise :class:`ImageTooSmallError` when every readable image among `rows` (e.g. the first 64 of the dataset) is
+    smaller than ``size`` without ``allow_upscale``: the dataset is at a lower resolution than the run. Single small
+    images are skipped (and reported) during training instead. Unreadable ones are left to the training loop."""
+    if allow_upscale:
+        return
+    small, readable = [], 0
+    for row in rows:
+        try:
+            (width, height), where = image_size(row[image_column])
+        except CorruptImageError:
+            continue
+        readable += 1
+        if min(width, height) < size:
+            small.append((where, width, height))
+    if small and len(small) == readable:
+        where, width, height = small[0]
+        raise ImageTooSmallError(
+            f"All {readable} images checked (the first of the dataset) are smaller than the training resolution "
+            f"{size}×{size}, e.g. {where} ({width}×{height}). Train at a lower resolution (--resolution N, at most "
+            f"{min(width, height)} for this image), or pass --allow_upscale to bicubic-upscale them (the official "
+            "ImageNet pipeline does this)."
+        )
+
+
+def loader_options(device: torch.device) -> dict:
+    """DataLoader options for batches bound for `device`: pinned (page-locked) host memory on CUDA, so that the
+    copy to the GPU (`non_blocking=True`) runs asynchronously instead of stalling the host."""
+    return {"pin_memory": torch.device(device).type == "cuda"}
+
+
 # ---------------------------------------------------------------------------------------------------- datasets
 
 
@@ -252,7 +304,7 @@ def load_training_dataset(
     elif label_column not in columns:
         raise DatasetError(f"--label_column {label_column!r} not found in {source}; columns are {columns}.")
     if not explicit_label and label_column is None:
-        logger.warning("No `label` column in %s: training with a single class (id 0).", source)
+        logger.warning(f"No `label` column in {source}: training with a single class (id 0).")
 
     if features is not None and not isinstance(features[image_column], datasets.Image):
         raise DatasetError(f"Column {image_column!r} of {source} is {features[image_column]}, not an image column.")
@@ -309,9 +361,9 @@ def load_training_dataset(
 class ImageCollator:
     """``collate_fn`` turning raw rows into ``{"pixel_values", "class_labels", "corrupt"}``.
 
-    ``pixel_values`` is (B', 3, S, S) in [-1, 1]; ``class_labels`` (B',) int64; ``corrupt`` a list of
-    ``(path, reason)`` for rows that could not be decoded and were dropped (B' = B − len(corrupt)). Images smaller than
-    ``size`` raise :class:`ImageTooSmallError` unless ``allow_upscale``.
+    ``pixel_values`` is (B', 3, S, S) in [-1, 1]; ``class_labels`` (B',) int64; ``corrupt`` and ``too_small`` lists
+    of ``(path, reason)`` for the rows that could not be decoded, or are smaller than ``size`` (without
+    ``allow_upscale``), and were dropped (B' = B − len(corrupt) − len(too_small)).
     """
 
     def __init__(
@@ -342,14 +394,16 @@ class ImageCollator:
         return label
 
     def __call__(self, rows: Sequence[dict]) -> dict:
-        pixels, labels, corrupt = [], [], []
+        pixels, labels, corrupt, too_small = [], [], [], []
         for row in rows:
             try:
                 tensor = preprocess_image(row[self.image_column], self.size, self.allow_upscale)
-            except CorruptImageError as err:
+            except (CorruptImageError, ImageTooSmallError) as err:
                 cell = row[self.image_column]
                 path = cell.get("path") if isinstance(cell, dict) else str(cell)
-                corrupt.append((path or "<in-memory bytes>", str(err)))
+                (corrupt if isinstance(err, CorruptImageError) else too_small).append(
+                    (path or "<in-memory bytes>", str(err))
+                )
                 continue
             pixels.append(tensor)
             labels.append(self._label(row))
@@ -361,6 +415,7 @@ class ImageCollator:
             "pixel_values": pixel_values,
             "class_labels": torch.tensor(labels, dtype=torch.long),
             "corrupt": corrupt,
+            "too_small": too_small,
         }
 
 

@@ -44,7 +44,39 @@ def _as_list(parameters: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return list(parameters)
 
 
-class PowerEMA:
+def _check_count(params: list[torch.Tensor], expected: int) -> None:
+    if len(params) != expected:
+        raise ValueError(f"expected {expected} parameters, got {len(params)}")
+
+
+def _ema_key(half_life_kimg: float) -> str:
+    """The name of the EMA with this half-life: ``"ema_<half-life kimg>"`` (e.g. ``"ema_500"``)."""
+    return f"ema_{float(half_life_kimg):g}"
+
+
+class _StoredParameters:
+    """``store`` / ``restore`` of the training parameters around a swap-in of EMA weights."""
+
+    _stored: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def store(self, parameters: Iterable[torch.Tensor]) -> None:
+        """Save a copy of the current (training) parameters, e.g. before ``copy_to`` for validation."""
+        self._stored = [p.detach().clone() for p in _as_list(parameters)]
+
+    @torch.no_grad()
+    def restore(self, parameters: Iterable[torch.Tensor]) -> None:
+        """Put back the parameters saved by ``store`` (and drop the stored copy)."""
+        if self._stored is None:
+            raise RuntimeError("restore() called without a preceding store()")
+        params = _as_list(parameters)
+        _check_count(params, len(self._stored))
+        for s, p in zip(self._stored, params):
+            p.data.copy_(s)
+        self._stored = None
+
+
+class PowerEMA(_StoredParameters):
     """EDM half-life EMA of one set of parameters (fp32 shadow copies on the parameters' devices).
 
     Args:
@@ -87,7 +119,7 @@ class PowerEMA:
 
     @property
     def name(self) -> str:
-        return f"ema_{self.half_life_kimg:g}"
+        return _ema_key(self.half_life_kimg)
 
     # -- update ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -98,8 +130,7 @@ class PowerEMA:
         counts calls to ``step``.
         """
         params = _as_list(parameters)
-        if len(params) != len(self.shadow_params):
-            raise ValueError(f"expected {len(self.shadow_params)} parameters, got {len(params)}")
+        _check_count(params, len(self.shadow_params))
         self.num_updates = int(global_step) if global_step is not None else self.num_updates + 1
         beta = self.decay_at(self.num_updates)
         # Group by device so foreach kernels can be used; cast non-fp32 parameters.
@@ -121,27 +152,9 @@ class PowerEMA:
     def copy_to(self, parameters: Iterable[torch.Tensor]) -> None:
         """Copy the EMA weights into ``parameters`` (cast to their dtype/device)."""
         params = _as_list(parameters)
-        if len(params) != len(self.shadow_params):
-            raise ValueError(f"expected {len(self.shadow_params)} parameters, got {len(params)}")
+        _check_count(params, len(self.shadow_params))
         for s, p in zip(self.shadow_params, params):
             p.data.copy_(s.to(device=p.device, dtype=p.dtype))
-
-    @torch.no_grad()
-    def store(self, parameters: Iterable[torch.Tensor]) -> None:
-        """Save a copy of the current (training) parameters, e.g. before :meth:`copy_to` for validation."""
-        self._stored = [p.detach().clone() for p in _as_list(parameters)]
-
-    @torch.no_grad()
-    def restore(self, parameters: Iterable[torch.Tensor]) -> None:
-        """Put back the parameters saved by :meth:`store` (and drop the stored copy)."""
-        if self._stored is None:
-            raise RuntimeError("restore() called without a preceding store()")
-        params = _as_list(parameters)
-        if len(params) != len(self._stored):
-            raise ValueError(f"expected {len(self._stored)} parameters, got {len(params)}")
-        for s, p in zip(self._stored, params):
-            p.data.copy_(s)
-        self._stored = None
 
     def to(self, device=None) -> "PowerEMA":
         self.shadow_params = [s.to(device=device) for s in self.shadow_params]
@@ -190,7 +203,7 @@ class PowerEMA:
         )
 
 
-class MultiEMA:
+class MultiEMA(_StoredParameters):
     """Several :class:`PowerEMA` s of the same parameters, keyed ``"ema_<half-life kimg>"`` (e.g. ``"ema_500"``).
 
     Official pMF: ``MultiEMA(model.parameters(), half_lives_kimg=(500, 1000, 2000))``.
@@ -212,9 +225,7 @@ class MultiEMA:
             self.emas[ema.name] = ema
         self._stored: list[torch.Tensor] | None = None
 
-    @staticmethod
-    def key_for(half_life_kimg: float) -> str:
-        return f"ema_{float(half_life_kimg):g}"
+    key_for = staticmethod(_ema_key)
 
     def keys(self):
         return self.emas.keys()
@@ -248,21 +259,6 @@ class MultiEMA:
     def copy_to(self, parameters: Iterable[torch.Tensor], key: str | float | int) -> None:
         """Copy the EMA with the given key (``"ema_500"`` or ``500``) into ``parameters``."""
         self[key].copy_to(parameters)
-
-    @torch.no_grad()
-    def store(self, parameters: Iterable[torch.Tensor]) -> None:
-        self._stored = [p.detach().clone() for p in _as_list(parameters)]
-
-    @torch.no_grad()
-    def restore(self, parameters: Iterable[torch.Tensor]) -> None:
-        if self._stored is None:
-            raise RuntimeError("restore() called without a preceding store()")
-        params = _as_list(parameters)
-        if len(params) != len(self._stored):
-            raise ValueError(f"expected {len(self._stored)} parameters, got {len(params)}")
-        for s, p in zip(self._stored, params):
-            p.data.copy_(s)
-        self._stored = None
 
     def to(self, device=None) -> "MultiEMA":
         for e in self.emas.values():

@@ -158,7 +158,8 @@ def sample_draws(
 
     drop_draws = uniform(batch_size)
     if config.class_dropout_mode == "first_k":
-        num_dropped = int((drop_draws < config.class_dropout_prob).sum())
+        # k ~ Binomial(B, p) stays on the device: comparing with a tensor needs no host copy of k
+        num_dropped = (drop_draws < config.class_dropout_prob).sum()
         drop_mask = torch.arange(batch_size, device=gen_device) < num_dropped
     else:
         drop_mask = drop_draws < config.class_dropout_prob
@@ -279,6 +280,7 @@ def pmf_loss(
     draws: PMFDraws | None = None,
     generator: torch.Generator | None = None,
     perceptual: torch.nn.Module | None = None,
+    crop_generator: torch.Generator | None = None,
 ) -> PMFLossOutput:
     """The official pMF objective for one batch.
 
@@ -291,6 +293,11 @@ def pmf_loss(
         generator: Random source for the draws and the perceptual crops.
         perceptual: Optional `PerceptualLoss` (returns per-sample `"lpips"` and `"convnext"` distances on a shared
             random crop). Without it the perceptual terms are skipped (with a warning if their weights are non-zero).
+        crop_generator: Random source of the perceptual crop boxes (default: `generator`). The boxes are needed on
+            the host, so a CPU generator here spares a device→host copy (a sync) per step on a GPU.
+
+    No step of this function reads a device tensor on the host: the perceptual networks see the whole batch and
+    their terms are masked to t < `perceptual_max_t` (selecting the sub-batch would need its size on the host).
     """
     model = _unwrap(transformer)
     batch_size = images.shape[0]
@@ -385,12 +392,12 @@ def pmf_loss(
     wants_perceptual = config.lpips_lambda > 0 or config.convnext_lambda > 0
     if wants_perceptual and perceptual is None:
         _warn_once("pmf_loss: no perceptual networks given; the LPIPS / ConvNeXt terms are skipped.")
-    selected = (t < config.perceptual_max_t).nonzero().flatten()
-    if wants_perceptual and perceptual is not None and selected.numel() > 0:
+    if wants_perceptual and perceptual is not None:
+        selected = t < config.perceptual_max_t
         x_hat = z_t - column(t) * u
-        distances = perceptual(x_hat[selected], x[selected], generator=generator)
-        lpips_per_sample = zeros.index_put((selected,), distances["lpips"].float().flatten())
-        convnext_per_sample = zeros.index_put((selected,), distances["convnext"].float().flatten())
+        distances = perceptual(x_hat, x, generator=crop_generator if crop_generator is not None else generator)
+        lpips_per_sample = torch.where(selected, distances["lpips"].float().flatten(), zeros)
+        convnext_per_sample = torch.where(selected, distances["convnext"].float().flatten(), zeros)
         total = total + config.lpips_lambda * adaptive_weight(lpips_per_sample, config.norm_p, config.norm_eps)
         total = total + config.convnext_lambda * adaptive_weight(convnext_per_sample, config.norm_p, config.norm_eps)
 

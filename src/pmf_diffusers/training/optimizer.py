@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -85,8 +86,9 @@ def newton_schulz_orthogonalize(
 
 
 def _bias_correction(beta: float, count: int) -> float:
-    # 1 - beta**count, rounded to fp32 like optax (the division is then an fp32 op).
-    return float(torch.tensor(1.0 - beta**count, dtype=torch.float32))
+    # 1 - beta**count, rounded to fp32 like optax (the division is then an fp32 op); numpy rounds like torch, on the
+    # host without creating a tensor.
+    return float(np.float32(1.0 - beta**count))
 
 
 class Muon(torch.optim.Optimizer):
@@ -155,19 +157,27 @@ class Muon(torch.optim.Optimizer):
                         raise ValueError(
                             f"Muon param groups may only hold 2-D weights, got shape {tuple(p.shape)}"
                         )
+        self._host_steps: dict[int, int] = {}  # id(param) -> step count (see `_next_step`)
 
-    def __setstate__(self, state):
+    def __setstate__(self, state):  # also run by `load_state_dict`
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("use_muon", False)
+        self._host_steps = {}
 
     # ------------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _next_step(state: dict) -> int:
+    def _next_step(self, param: torch.Tensor, state: dict) -> int:
+        """Advance the parameter's step count. `state["step"]` (a tensor, as in torch's optimizers) is what a
+        checkpoint keeps; the host keeps its own copy, so the count is read from the tensor only once after a
+        `load_state_dict` (where it may have been mapped to the GPU), never per step."""
         if "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            self._host_steps[id(param)] = 0
+        elif id(param) not in self._host_steps:
+            self._host_steps[id(param)] = int(state["step"].item())
         state["step"] += 1
-        return int(state["step"].item())
+        self._host_steps[id(param)] += 1
+        return self._host_steps[id(param)]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -199,7 +209,7 @@ class Muon(torch.optim.Optimizer):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            count = self._next_step(state)
+            count = self._next_step(p, state)
             g = p.grad.to(torch.float32)
             m = state["momentum_buffer"]
             # m = (1 - beta) * g + beta * m   (optax tree_update_moment)
@@ -248,7 +258,7 @@ class Muon(torch.optim.Optimizer):
             if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            count = self._next_step(state)
+            count = self._next_step(p, state)
             buckets.setdefault((count, p.device, p.dtype), []).append(p)
 
         for (count, _, _), params in buckets.items():

@@ -4,24 +4,10 @@
 
 import sys
 
-from ..toy.judge import (
-    ToyClassifier,
-    evaluate_per_class_accuracy,
-    load_image_folder,
-    load_toy_classifier,
-    save_toy_classifier,
-    train_toy_classifier,
-)
+from ..toy import judge
+from ..toy.judge import *  # noqa: F403 - this path re-exports the module's public names
 
-__all__ = [
-    "ToyClassifier",
-    "load_image_folder",
-    "train_toy_classifier",
-    "evaluate_per_class_accuracy",
-    "save_toy_classifier",
-    "load_toy_classifier",
-    "main",
-]
+__all__ = [*judge.__all__, "main"]
 
 
 def main(argv=None) -> int:

@@ -5,29 +5,10 @@
 import sys
 
 from ..image_grid import save_image_grid
-from ..toy.shapes import (
-    TOY_CLASS_COLORS,
-    TOY_CLASS_FOLDERS,
-    TOY_CLASS_NAMES,
-    TOY_DATASET_NAME,
-    generate_toy_arrays,
-    make_toy_dataset,
-    render_toy_image,
-    toy_class_folder_name,
-)
+from ..toy import shapes
+from ..toy.shapes import *  # noqa: F403 - this path re-exports the module's public names
 
-__all__ = [
-    "TOY_CLASS_NAMES",
-    "TOY_CLASS_COLORS",
-    "TOY_CLASS_FOLDERS",
-    "TOY_DATASET_NAME",
-    "toy_class_folder_name",
-    "render_toy_image",
-    "generate_toy_arrays",
-    "make_toy_dataset",
-    "save_image_grid",
-    "main",
-]
+__all__ = [*shapes.__all__, "save_image_grid", "main"]
 
 
 def main(argv=None) -> int:
