@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import datasets
@@ -37,14 +36,14 @@ from accelerate.utils import (
     DataLoaderConfiguration, DistributedType, ProjectConfiguration, is_wandb_available, set_seed,
 )
 from diffusers.optimization import get_scheduler
-from PIL import Image
 from tqdm.auto import tqdm
 
 from pmf_diffusers import PMFTransformer2DModel
+from pmf_diffusers.commands import options_in_errors
 from pmf_diffusers.conversion import build_pipeline
 from pmf_diffusers.labels import read_label_set
 from pmf_diffusers.loading import is_official_size_name, looks_like_repo_id
-from pmf_diffusers.official import IMAGENET_SAMPLE_CLASSES, OFFICIAL_NUM_CLASSES, match_preset
+from pmf_diffusers.official import match_preset
 from pmf_diffusers.pipelines.pipeline_pmf import check_guidance_settings
 from pmf_diffusers.training import MultiEMA, Muon, PMFLossConfig, muon_param_groups, pmf_loss
 from pmf_diffusers.training.checkpointing import (
@@ -58,12 +57,13 @@ from pmf_diffusers.training.distributed import (
     check_distributed_setup, gather_state_dict, unwrap_model, weights_are_finite,
 )
 from pmf_diffusers.training.export import (
-    ema_weights, lora_adapter_card, save_lora_adapter, save_pipeline, save_sample_grid, training_card_info,
+    ema_weights, log_sample_grid, lora_adapter_card, save_lora_adapter, save_pipeline, save_sample_grid,
+    training_card_info,
 )
 from pmf_diffusers.training.finetune import (
     RemappedCollator, add_fine_tuning_adapters, dataset_class_index, dataset_id2label, load_for_fine_tuning,
 )
-from pmf_diffusers.training.metrics import LOSS_NAMES, MetricsFile, StepMetrics
+from pmf_diffusers.training.metrics import LOSS_NAMES, MetricsFile, SkippedImages, StepMetrics
 from pmf_diffusers.training.presets import TRAINING_PRESETS, TrainingPreset, get_training_preset
 from pmf_diffusers.training import recipe
 
@@ -447,19 +447,6 @@ def resolve_batch_sizes(args: argparse.Namespace, preset: TrainingPreset, num_pr
                                           args.global_batch_size, args.train_batch_size)
 
 
-def resolve_validation_classes(args, num_classes: int, label_index: list[int] | None) -> list[int]:
-    if args.validation_classes is not None:
-        bad = [c for c in args.validation_classes if not 0 <= c < num_classes]
-        if bad:
-            raise TrainingSetupError(f"--validation_classes {bad} outside [0, {num_classes}).")
-        return list(args.validation_classes)
-    if label_index is not None:  # the classes of the data
-        return sorted(set(label_index))[:10]
-    if num_classes == OFFICIAL_NUM_CLASSES:
-        return list(IMAGENET_SAMPLE_CLASSES)
-    return list(range(min(num_classes, 10)))
-
-
 # ------------------------------------------------------------------------------------------------------- the run
 
 
@@ -791,13 +778,7 @@ def run_validation(run: TrainingRun, step: int) -> Path | None:
                 seed=run.args.seed, noise_scale=run.loss_config.noise_scale, guidance_scale=run.guidance_scale,
                 guidance_interval=run.guidance_interval,
             )
-        # Trackers get the saved grid (rows = classes), not loose images that they would re-tile their own way.
-        grid = np.asarray(Image.open(path).convert("RGB"))
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.log_images({"samples": grid[None]}, step, dataformats="NHWC")
-            elif tracker.name == "wandb":
-                tracker.log_images({"samples": [grid]}, step)
+        log_sample_grid(accelerator.trackers, path, step)
     accelerator.wait_for_everyone()
     return path
 
@@ -858,8 +839,7 @@ def save_training_checkpoint(run: TrainingRun, step: int, metrics: StepMetrics) 
 @dataclass
 class LoopStats:
     history: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10_000))  # logged steps
-    skipped_seen: dict[str, dict[str, int]] = field(default_factory=lambda: {"corrupt": {}, "too_small": {}})
-    skipped_total: dict[str, int] = field(default_factory=lambda: {"corrupt": 0, "too_small": 0})  # all processes
+    skipped: SkippedImages = field(default_factory=SkippedImages)
     last_validation: int | None = None
     last_validation_grid: Path | None = None
 
@@ -888,26 +868,14 @@ def training_step(run: TrainingRun, batch: dict, micro_step: int, metrics: StepM
         run.optimizer.zero_grad(set_to_none=True)
 
 
-def note_skipped_images(stats: LoopStats, batch: dict) -> None:
-    for kind, label in (("corrupt", "unreadable image"), ("too_small", "image")):
-        seen = stats.skipped_seen[kind]
-        for path, reason in batch[kind]:
-            if path not in seen:
-                logger.warning(f"Skipping {label} {path}: {reason}", main_process_only=False)
-            seen[path] = seen.get(path, 0) + 1
-
-
 def log_step(run: TrainingRun, stats: LoopStats, metrics: StepMetrics, epoch: int, over_time: bool) -> bool:
     """Read the statistics of the steps since the last log (one gather, one sync), stop on a non-finite loss, log
     them; True when the --max_train_minutes budget is spent on any process."""
     accelerator, step = run.accelerator, run.global_step
     values = metrics.collect(accelerator, over_time=float(over_time))
     raise_if_diverged(values["first_bad_step"], values["bad_processes"], run.last_checkpoint)
-    for kind in stats.skipped_total:
-        stats.skipped_total[kind] += int(values[kind])
     logs = {**{name: values[name] for name in LOSS_NAMES}, "lr": run.lr_scheduler.get_last_lr()[0],
-            "img_per_sec": values["img_per_sec"], "epoch": epoch, "corrupt_images": stats.skipped_total["corrupt"],
-            "too_small_images": stats.skipped_total["too_small"]}
+            "img_per_sec": values["img_per_sec"], "epoch": epoch, **stats.skipped.add_totals(values)}
     stats.history.append({"step": step, **logs})
     accelerator.log(logs, step=step)
     if accelerator.is_main_process:
@@ -935,7 +903,7 @@ def train_loop(run: TrainingRun) -> LoopStats:
             pin_memory=loader_options(accelerator.device)["pin_memory"], source=run.data.source,
         )
     for batch, epoch in batch_source:
-        note_skipped_images(stats, batch)
+        stats.skipped.note(batch)
         training_step(run, batch, micro_step, metrics)
         micro_step += 1
         if not accelerator.sync_gradients:
@@ -949,8 +917,9 @@ def train_loop(run: TrainingRun) -> LoopStats:
         if run.global_step % args.logging_steps == 0:  # the only steps that read values back from the device
             over = args.max_train_minutes is not None and time.perf_counter() - train_start > 60 * args.max_train_minutes
             out_of_time = log_step(run, stats, metrics, epoch, over)
-            progress_bar.set_postfix(loss=f"{stats.history[-1]['loss']:.3f}", loss_u=f"{stats.history[-1]['loss_u']:.4f}",
-                                     img_s=f"{stats.history[-1]['img_per_sec']:.0f}")
+            last = stats.history[-1]
+            progress_bar.set_postfix(loss=f"{last['loss']:.3f}", loss_u=f"{last['loss_u']:.4f}",
+                                     img_s=f"{last['img_per_sec']:.0f}")
         if validation_steps and run.global_step % validation_steps == 0:
             stats.last_validation_grid = run_validation(run, run.global_step)
             stats.last_validation = run.global_step
@@ -997,11 +966,7 @@ def finish(run: TrainingRun, stats: LoopStats) -> dict:
                 sample_seed=args.seed, images_per_class=args.validation_images_per_class,
             )
         exported = export(run, run.output_dir, card=card, samples=samples)
-    for kind, seen in stats.skipped_seen.items():
-        if seen:
-            logger.warning(f"Skipped {sum(seen.values())} {'unreadable' if kind == 'corrupt' else 'too small'} image "
-                           f"read(s) ({len(seen)} distinct file(s)) on process {accelerator.process_index}: "
-                           f"{sorted(seen)[:10]}", main_process_only=False)
+    stats.skipped.report(accelerator.process_index)
     if accelerator.is_main_process and args.push_to_hub:
         if run.lora_config is None:
             from pmf_diffusers.hub import push_pipeline_to_hub
@@ -1026,9 +991,9 @@ def finish(run: TrainingRun, stats: LoopStats) -> dict:
         "pipeline_dir": run.output_dir / "pipeline" if run.lora_config is None else None,
         "lora_dir": run.output_dir / "lora" if run.lora_config is not None else None,
         "last_checkpoint": run.last_checkpoint,
-        "corrupt_images": dict(stats.skipped_seen["corrupt"]),
-        "corrupt_total": stats.skipped_total["corrupt"],
-        "too_small_images": dict(stats.skipped_seen["too_small"]),
+        "corrupt_images": dict(stats.skipped.seen["corrupt"]),
+        "corrupt_total": stats.skipped.total["corrupt"],
+        "too_small_images": dict(stats.skipped.seen["too_small"]),
     }
 
 
@@ -1055,8 +1020,11 @@ def main(args: argparse.Namespace) -> dict:
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision=args.mixed_precision, log_with=report_to, project_config=project_config,
                               dataloader_config=DataLoaderConfiguration(non_blocking=True))  # with pinned memory
+    # Library errors name API parameters (`image_column`, `size=N`); ours are the flags of the same names.
+    options = {name: f"--{name}" for name in vars(args)} | {"size": "--resolution"}
     try:
-        return _train(args, accelerator, preset, output_dir)
+        with options_in_errors(options):
+            return _train(args, accelerator, preset, output_dir)
     finally:
         accelerator.end_training()
 
@@ -1087,7 +1055,9 @@ def _train(args, accelerator: Accelerator, preset: TrainingPreset | None, output
     prepare_training(run)
     resume(run, resume_path)
     record_run(run)
-    run.validation_classes = resolve_validation_classes(args, run.model_config["num_classes"], run.label_index)
+    with setup_errors("--"):
+        run.validation_classes = recipe.resolve_validation_classes(
+            args.validation_classes, run.model_config["num_classes"], run.label_index)
     stats = train_loop(run)
     return finish(run, stats)
 
@@ -1098,7 +1068,8 @@ def cli(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         main(args)
-    except (TrainingSetupError, CheckpointError, CheckpointSaveError, DatasetError, PerceptualWeightsNotFoundError) as err:
+    except (TrainingSetupError, CheckpointError, CheckpointSaveError, DatasetError,
+            PerceptualWeightsNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:

@@ -36,6 +36,19 @@ def test_generate_with_the_bundled_model_writes_pngs_and_a_grid(tmp_path, capsys
         assert torch.equal(torch.tensor(list(Image.open(first).getdata())), torch.tensor(list(Image.open(second).getdata())))
 
 
+def test_generate_batch_size_bounds_memory_not_the_images(tmp_path, capsys):
+    """--batch-size is the pipeline's `max_batch_size`: image i keeps seed + i (its noise); the network sees other
+    batch shapes, so a pixel may move by float rounding (one uint8 level), no more."""
+    argv = ["generate", "--class-labels", "0", "3", "7", "--images-per-class", "2", "--seed", "5", "--no-grid"]
+    for batch_size in ("2", "16"):
+        assert run([*argv, "--batch-size", batch_size, "--output", str(tmp_path / batch_size)], capsys)[0] == 0
+    small, large = sorted((tmp_path / "2").glob("*.png")), sorted((tmp_path / "16").glob("*.png"))
+    assert len(small) == 6 and [path.name for path in small] == [path.name for path in large]
+    for first, second in zip(small, large):
+        difference = np.asarray(Image.open(first), dtype=np.int16) - np.asarray(Image.open(second), dtype=np.int16)
+        assert np.abs(difference).max() <= 1
+
+
 def test_generate_compiled_gives_the_same_images(tmp_path, capsys):
     argv = ["generate", "--class-labels", "0", "5", "--output"]
     assert run([*argv, str(tmp_path / "eager")], capsys)[0] == 0
@@ -63,7 +76,7 @@ def test_generate_from_a_folder_with_bf16(tmp_path, capsys):
         (["generate", "--class-labels", "no such class"], "Unknown class name"),
         (["generate", "--class-labels", "99"], "out of range"),
         (["generate", "--steps", "0"], "--steps must be"),
-        (["generate", "--guidance-scale", "0.5"], "guidance_scale"),
+        (["generate", "--guidance-scale", "0.5"], "--guidance-scale (ω) must be a finite number ≥ 1"),
     ],
 )
 def test_generate_bad_input_is_one_line(argv, message, capsys, tmp_path):

@@ -139,7 +139,7 @@ def test_class_balanced_labels_follow_the_official_rule():
     np.testing.assert_array_equal(np.bincount(labels), np.full(1000, 50))
     np.testing.assert_array_equal(ev.class_balanced_labels(12, 4), [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
     assert ev.images_per_class(8, 4) == 2
-    with pytest.raises(ValueError, match="--per-class"):
+    with pytest.raises(ValueError, match="`per_class=N` instead"):  # the library names API parameters
         ev.images_per_class(10, 4)
 
 
@@ -222,13 +222,13 @@ def test_load_reference_stats_resolution_rules(tmp_path):
     assert ev.load_reference_stats(in_file, 32).num_images == 10
     with pytest.raises(ValueError, match="'resolution' entry"):
         ev.load_reference_stats(in_file, 64)
-    with pytest.raises(ValueError, match="--reference-resolution says 64"):
+    with pytest.raises(ValueError, match="`reference_resolution` says 64"):
         ev.load_reference_stats(in_file, resolution=64)
 
     unnamed = tmp_path / "reference.npz"
     np.savez(unnamed, mean=mu, cov=sigma)  # alternative key names are accepted
     assert ev.load_reference_stats(unnamed).resolution is None  # nothing to check against
-    with pytest.raises(ValueError, match="--reference-resolution 64"):
+    with pytest.raises(ValueError, match="`reference_resolution=64`"):
         ev.load_reference_stats(unnamed, 64)
     assert ev.load_reference_stats(unnamed, 64, resolution=64).resolution_source == "user"
     with pytest.raises(ValueError, match="2048-dimensional"):
@@ -282,7 +282,7 @@ def test_inception_v3_port_shapes_and_weight_loading(tmp_path, monkeypatch):
     monkeypatch.delenv(ev.INCEPTION_WEIGHTS_ENV, raising=False)
     with pytest.raises(FileNotFoundError, match=r"weights-inception-2015-12-05-6726825d\.pth.*https://github\.com/toshas"):
         ev.resolve_inception_weights()
-    with pytest.raises(FileNotFoundError, match="--inception-weights"):
+    with pytest.raises(FileNotFoundError, match="`inception_weights`"):
         ev.resolve_inception_weights(tmp_path / "nope.pth")
 
     torch.manual_seed(0)
@@ -462,8 +462,15 @@ def test_run_eval_rejects_bad_references_before_sampling(tmp_path, tiny_model_di
     np.savez(other_network, mu=np.zeros(2048), sigma=np.eye(2048))
     with pytest.raises(ValueError, match="2048-dimensional.*16-dimensional"):
         ev.run_eval(_args("--model", str(tiny_model_dir), "--reference-stats", str(other_network)), extractor)
-    with pytest.raises(ValueError, match="multiple of the number of classes"):
+    with pytest.raises(ValueError, match="multiple of the number of classes.*use --per-class N instead"):
         ev.run_eval(_args("--model", str(tiny_model_dir), "--num-images", "10"), extractor)
+    stated_32 = tmp_path / "stats_32.npz"
+    np.savez(stated_32, mu=np.zeros(16), sigma=np.eye(16), resolution=32)
+    with pytest.raises(ValueError, match="--reference-resolution says 64"):  # the command names its options
+        ev.run_eval(_args("--model", str(tiny_model_dir), "--reference-stats", str(stated_32),
+                          "--reference-resolution", "64"), extractor)
+    with pytest.raises(FileNotFoundError, match="--inception-weights"):
+        ev.run_eval(_args("--model", str(tiny_model_dir), "--inception-weights", str(tmp_path / "nope.pth")))
     with pytest.raises(ValueError, match="--reference-images"):
         ev.run_eval(_args("--model", str(tiny_model_dir), "--precision-recall"), extractor)
     with pytest.raises(ValueError, match="exactly one"):

@@ -6,7 +6,6 @@ import copy
 import io
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,9 @@ from torch import nn
 from pmf_diffusers.training.ema import MultiEMA, PowerEMA, edm_ema_beta
 from pmf_diffusers.training.optimizer import Muon, muon_param_groups, newton_schulz_orthogonalize
 
-REF = Path("/work/shared/reference")
+from conftest import REFERENCE_DIR
+
+REF = REFERENCE_DIR
 ROUTING = REF / "tinyA_muon_param_routing.json"
 needs_ref = pytest.mark.skipif(not ROUTING.exists(), reason="reference data not available")
 

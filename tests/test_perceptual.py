@@ -47,7 +47,7 @@ def ref():
 
 @pytest.fixture(scope="module")
 def recipe_trunk():
-    """Random VGG16 trunk rebuilt with the recipe of shared/reference/README.md."""
+    """Random VGG16 trunk rebuilt the way the LPIPS oracle's trunk was made (seed 0, the draws below)."""
     torch.manual_seed(0)
     cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
     sd, cin, idx = {}, 3, 0

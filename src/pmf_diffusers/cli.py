@@ -17,7 +17,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from .commands import COMMAND_MODULES, EXIT_OK, CLIError
+from .commands import COMMAND_MODULES, EXIT_OK, CLIError, option_names, parser_options
 
 __all__ = ["CLIError", "build_parser", "main"]
 
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
             command_parser.add_argument(
                 "--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors"
             )
+        # Library errors name API parameters (`per_class=N`); the error line names this command's options.
+        command_parser.set_defaults(_option_names=parser_options(command_parser))
     return parser
 
 
@@ -94,9 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the `pmf` command line; returns the exit code (0 ok, 2 error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    options = {}
     try:
         args = build_parser().parse_args(argv)
-        debug = args.debug
+        debug, options = args.debug, args._option_names
         return int(args.func(args) or EXIT_OK)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
@@ -104,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - the CLI boundary: every failure becomes one line
         if debug:
             raise
-        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        print(f"{PROG}: error: {option_names(_one_line(error), options)}", file=sys.stderr)
         return EXIT_ERROR
 
 

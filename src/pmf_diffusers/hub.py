@@ -871,7 +871,7 @@ def build_wheel(project_dir: str | Path, wheel_dir: str | Path) -> Path:
         reason = output[-1] if output else f"pip exited with {completed.returncode}"
         raise HubPushError(
             f"building the pmf-diffusers wheel failed: {reason} (build it with `pip wheel --no-deps -w dist .` and "
-            "pass it as wheel=... / --wheel)"
+            "pass it as `wheel`)"
         )
     return wheels[-1]
 
@@ -987,7 +987,7 @@ def push_space_to_hub(
         raise HubPushError(f"the Space app folder {app_dir} does not exist")
     if wheel is None and checkout is None:
         raise HubPushError(
-            "pmf_diffusers is not imported from a source checkout: pass a built wheel (wheel=... / --wheel)"
+            "pmf_diffusers is not imported from a source checkout: pass a built wheel as `wheel`"
         )
 
     with contextlib.ExitStack() as stack:

@@ -21,7 +21,7 @@ from ..evaluation.config import (
     INCEPTION_WEIGHTS_FILENAME,
     EvalConfig,
 )
-from . import EXIT_OK, add_command_parser, check_guidance_options
+from . import EXIT_OK, add_command_parser, check_guidance_options, options_in_errors, parser_options
 
 __all__ = ["add_eval_arguments", "add_parser", "config_from_args", "run", "run_eval"]
 
@@ -168,7 +168,9 @@ def run_eval(args: argparse.Namespace, feature_extractor=None) -> int:
     from ..evaluation.protocol import run_evaluation
 
     check_guidance_options(args.guidance_scale, args.guidance_interval)
-    run_evaluation(config_from_args(args), feature_extractor)
+    # The library's errors name `EvalConfig` fields; these options are named after them.
+    with options_in_errors(parser_options(add_eval_arguments(argparse.ArgumentParser()))):
+        run_evaluation(config_from_args(args), feature_extractor)
     return EXIT_OK
 
 

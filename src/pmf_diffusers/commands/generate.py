@@ -58,7 +58,9 @@ def add_parser(subparsers):
     parser.add_argument("--guidance-scale", type=float, default=None, metavar="W", help="ω ≥ 1 (default: the model's)")
     parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("A", "B"))
     parser.add_argument("--steps", type=int, default=1, help="sampling steps (pMF is a one-step model)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="most images per network call (bounds memory; image i keeps seed + i)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ...")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="transformer dtype")
     parser.add_argument(
@@ -140,26 +142,28 @@ def run(args) -> int:
     if writes_files:
         args.output.mkdir(parents=True, exist_ok=True)
 
-    images, start = [], time.perf_counter()
-    with compile_context:
-        for first in range(0, len(label_ids), args.batch_size):
-            batch = label_ids[first : first + args.batch_size]
-            generators = [torch.Generator().manual_seed(args.seed + first + i) for i in range(len(batch))]
-            try:
-                images += pipe(
-                    class_labels=batch,
-                    num_inference_steps=args.steps,
-                    guidance_scale=args.guidance_scale,
-                    guidance_interval=args.guidance_interval,
-                    generator=generators,
-                ).images
-            except (RuntimeError, MemoryError) as error:
-                if _is_out_of_memory(error):
-                    raise CLIError(
-                        f"a batch of {len(batch)} images does not fit in memory on {args.device}: "
-                        f"try a smaller --batch-size (e.g. {max(1, len(batch) // 4)})"
-                    ) from None
-                raise
+    # One pipeline call: image i has its own generator (seed + i), and the transformer runs at most --batch-size
+    # images at a time, so the memory stays bounded (the same network calls as one pipeline call per batch).
+    generators = [torch.Generator().manual_seed(args.seed + index) for index in range(len(label_ids))]
+    start = time.perf_counter()
+    try:
+        with compile_context:
+            images = pipe(
+                class_labels=label_ids,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance_scale,
+                guidance_interval=args.guidance_interval,
+                generator=generators,
+                max_batch_size=args.batch_size,
+            ).images
+    except (RuntimeError, MemoryError) as error:
+        if _is_out_of_memory(error):
+            batch = min(args.batch_size, len(label_ids))
+            raise CLIError(
+                f"a batch of {batch} images does not fit in memory on {args.device}: "
+                f"try a smaller --batch-size (e.g. {max(1, batch // 4)})"
+            ) from None
+        raise
     seconds_per_image = (time.perf_counter() - start) / len(label_ids)
 
     written = []

@@ -107,32 +107,29 @@ class EvalConfig:
         """Raise a one-line `ValueError` for an inconsistent configuration (before any work is done)."""
         sources = [name for name in SOURCES if getattr(self, name)]
         if len(sources) != 1:
-            raise ValueError("Give exactly one of --model, --images or --compute-stats-from.")
+            raise ValueError("Give exactly one of `model`, `images` or `compute_stats_from`.")
         source = sources[0]
         if source == "compute_stats_from" and not self.stats_out:
-            raise ValueError("--compute-stats-from needs --stats-out PATH (.npz).")
+            raise ValueError("`compute_stats_from` needs `stats_out=PATH` (.npz).")
         if self.stats_out and source != "compute_stats_from":
-            raise ValueError("--stats-out only applies to --compute-stats-from.")
+            raise ValueError("`stats_out` only applies to `compute_stats_from`.")
         if self.num_images is not None and self.per_class is not None:
-            raise ValueError("Give --num-images or --per-class, not both.")
+            raise ValueError("Give `num_images` or `per_class`, not both.")
         if source != "model":
-            for flag, value in (("--per-class", self.per_class), ("--save-images", self.save_images),
-                                ("--grid", self.grid), ("--guidance-scale", self.guidance_scale),
-                                ("--guidance-interval", self.guidance_interval)):
-                if value is not None:
-                    raise ValueError(f"{flag} only applies when sampling from --model.")
-        for flag, value in (("--batch-size", self.batch_size), ("--steps", self.steps),
-                            ("--is-splits", self.is_splits), ("--pr-k", self.pr_k)):
-            if value < 1:
-                raise ValueError(f"{flag} must be ≥ 1, got {value}.")
-        for flag, value in (("--num-images", self.num_images), ("--per-class", self.per_class)):
-            if value is not None and value < 1:
-                raise ValueError(f"{flag} must be ≥ 1, got {value}.")
+            for name in ("per_class", "save_images", "grid", "guidance_scale", "guidance_interval"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"`{name}` only applies when sampling from `model`.")
+        for name in ("batch_size", "steps", "is_splits", "pr_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be ≥ 1, got {getattr(self, name)}.")
+        for name in ("num_images", "per_class"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be ≥ 1, got {getattr(self, name)}.")
         for name, value, allowed in (("dtype", self.dtype, DTYPES), ("fid_method", self.fid_method, FID_METHODS),
                                      ("feature_extractor", self.feature_extractor, FEATURE_EXTRACTORS)):
             if value not in allowed:
                 raise ValueError(f"Unknown {name} {value!r}: use one of {', '.join(allowed)}.")
         if self.precision_recall and not self.reference_images:
-            raise ValueError("--precision-recall needs real images: pass --reference-images DIR.")
+            raise ValueError("`precision_recall` needs real images: pass `reference_images=DIR`.")
         if self.reference_resolution is not None and not self.reference_stats:
-            raise ValueError("--reference-resolution describes --reference-stats, which is missing.")
+            raise ValueError("`reference_resolution` describes `reference_stats`, which is missing.")

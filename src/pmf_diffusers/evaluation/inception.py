@@ -274,7 +274,7 @@ def _file_sha256(path: Path) -> str:
 def resolve_inception_weights(path: str | Path | None = None, *, download: bool = False) -> Path:
     """Locate the FID Inception-v3 weight file.
 
-    Order: `path` (``--inception-weights``), ``$PMF_INCEPTION_WEIGHTS``, then torch-fidelity's or pytorch-fid's
+    Order: `path` (`EvalConfig.inception_weights`), ``$PMF_INCEPTION_WEIGHTS``, then torch-fidelity's or pytorch-fid's
     file in the torch hub cache (``$TORCH_HOME/hub/checkpoints``). If none exists, ``download=True`` fetches
     torch-fidelity's file there (hash-checked); otherwise a ``FileNotFoundError`` names the file and its URL.
     """
@@ -285,7 +285,7 @@ def resolve_inception_weights(path: str | Path | None = None, *, download: bool 
             raise FileNotFoundError(
                 f"Inception weights {str(path)!r} not found. Fetch {INCEPTION_WEIGHTS_FILENAME} on a connected machine "
                 f"from {INCEPTION_WEIGHTS_URL} (or {INCEPTION_WEIGHTS_ALT_FILENAME} from {INCEPTION_WEIGHTS_ALT_URL}) "
-                "and pass its path with --inception-weights."
+                "and pass its path as `inception_weights`."
             )
         return path
     candidates = []
@@ -305,8 +305,8 @@ def resolve_inception_weights(path: str | Path | None = None, *, download: bool 
         f"The FID Inception-v3 weights are not available offline. On a connected machine download "
         f"{INCEPTION_WEIGHTS_FILENAME} from {INCEPTION_WEIGHTS_URL} (95 MB; pytorch-fid's "
         f"{INCEPTION_WEIGHTS_ALT_FILENAME} from {INCEPTION_WEIGHTS_ALT_URL} also works), then pass it with "
-        f"--inception-weights PATH, set ${INCEPTION_WEIGHTS_ENV}, or put it in {hub_dir}. "
-        "(--download-inception fetches it when the machine has internet access.)"
+        f"`inception_weights=PATH`, set ${INCEPTION_WEIGHTS_ENV}, or put it in {hub_dir}. "
+        "(`download_inception` fetches it when the machine has internet access.)"
     )
 
 
@@ -430,7 +430,7 @@ class TorchFidelityFeatureExtractor(nn.Module):
             from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         except Exception as error:  # noqa: BLE001 - ImportError, or torchvision's RuntimeError on a broken install
             raise ValueError(
-                "--feature-extractor torch-fidelity needs the torch-fidelity package with a working torchvision "
+                "`feature_extractor=torch-fidelity` needs the torch-fidelity package with a working torchvision "
                 f"(import failed: {type(error).__name__}: {error}); the default built-in extractor needs neither."
             ) from error
         self.model = FeatureExtractorInceptionV3(

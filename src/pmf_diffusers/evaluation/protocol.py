@@ -71,8 +71,8 @@ def images_per_class(num_images: int, num_classes: int) -> int:
         suggestion = max(1, num_images // num_classes)
         raise ValueError(
             f"The official protocol samples every class equally: the number of images ({num_images}) must be a "
-            f"positive multiple of the number of classes ({num_classes}); use --per-class N instead "
-            f"(e.g. --per-class {suggestion} for {suggestion * num_classes} images)."
+            f"positive multiple of the number of classes ({num_classes}); use `per_class=N` instead "
+            f"(e.g. `per_class={suggestion}` for {suggestion * num_classes} images)."
         )
     return num_images // num_classes
 
@@ -213,7 +213,7 @@ class _Run:
     feature_dim: int
     num_logits: int
     num_images: int
-    resolution: int | None  # of the evaluated images (None: the real images of --compute-stats-from are not square)
+    resolution: int | None  # of the evaluated images (None: the real images of compute_stats_from are not square)
     pipe: Any = None  # the pipeline (model source)
     num_classes: int | None = None  # model source
     per_class: int | None = None  # model source
@@ -243,7 +243,7 @@ def run_evaluation(config: EvalConfig, feature_extractor: FeatureExtractor | Non
     check_guidance_settings(config.guidance_scale, config.guidance_interval)
     accelerator = Accelerator(cpu=config.device == "cpu")
     if config.device and config.device != "cpu" and accelerator.num_processes > 1:
-        raise ValueError("--device is for single-process runs; under accelerate launch each process uses its own GPU.")
+        raise ValueError("`device` is for single-process runs; under accelerate launch each process uses its own GPU.")
     device = torch.device(config.device) if config.device else accelerator.device
     with _tf32(config.tf32):
         run = _prepare(config, accelerator, device, feature_extractor)
@@ -273,7 +273,7 @@ def _prepare(config: EvalConfig, accelerator, device, feature_extractor) -> _Run
     else:
         source = _prepare_image_folder(config)
     if config.source != "compute_stats_from" and not (config.reference_stats or config.reference_images):
-        logger.warning("No --reference-stats or --reference-images: only the Inception Score is computed.")
+        logger.warning("No `reference_stats` or `reference_images`: only the Inception Score is computed.")
     reference, reference_files = _prepare_reference(config, source["resolution"])
     if feature_extractor is None:
         feature_extractor = build_feature_extractor(
@@ -322,7 +322,7 @@ def _prepare_image_folder(config: EvalConfig) -> dict[str, Any]:
         files = list_images(config.compute_stats_from)
     if config.num_images is not None:
         if config.num_images > len(files):
-            raise ValueError(f"--num-images {config.num_images} but only {len(files)} images were found.")
+            raise ValueError(f"`num_images={config.num_images}` but only {len(files)} images were found.")
         files = files[: config.num_images]
     width, height = _image_size(files[0])
     if width != height and generated:
@@ -340,7 +340,7 @@ def _prepare_reference(config: EvalConfig, resolution: int | None):
         width, height = _image_size(reference_files[0])
         if resolution is not None and (width, height) != (resolution, resolution):
             raise ValueError(
-                f"--reference-images are {width}×{height} but the evaluated images are "
+                f"The `reference_images` are {width}×{height} but the evaluated images are "
                 f"{resolution}×{resolution}: use real images at the same resolution."
             )
     return reference, reference_files

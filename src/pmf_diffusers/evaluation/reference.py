@@ -61,9 +61,9 @@ def load_reference_stats(
 
     Keys: ``mu`` and ``sigma`` (also accepted: ``mean``/``cov``, ``mu_r``/``sigma_r``). The statistics' resolution
     comes from, in order: a ``resolution`` (or ``image_size``/``img_size``/``size``) entry in the file, `resolution`
-    (what the user states, ``--reference-resolution``), or the file name (``jit_in256_stats.npz`` → 256). If
+    (what the user states: `EvalConfig.reference_resolution`), or the file name (``jit_in256_stats.npz`` → 256). If
     `expected_resolution` (the model's ``sample_size``) is given, a different resolution is an error, and so is an
-    unknown one (state it with ``--reference-resolution``). `feature_dim` checks the statistics' dimension.
+    unknown one (state it with `resolution`). `feature_dim` checks the statistics' dimension.
     Errors are ``FileNotFoundError`` / ``ValueError`` with a message naming the file and what is wrong.
     """
     path = Path(path)
@@ -71,7 +71,7 @@ def load_reference_stats(
         raise FileNotFoundError(
             f"Reference statistics file {str(path)!r} not found. The official ImageNet statistics are JiT's "
             f"jit_in256_stats.npz / jit_in512_stats.npz ({JIT_STATS_URL.format(resolution='{256,512}')}); "
-            "or make your own with --compute-stats-from DIR --stats-out PATH."
+            "or make your own with `compute_stats_from=DIR` `stats_out=PATH`."
         )
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -84,7 +84,7 @@ def load_reference_stats(
         raise ValueError(
             f"Reference statistics {str(path)!r} lack the keys 'mu' and 'sigma' (found: {sorted(contents) or 'none'}). "
             "Expected an .npz with the feature mean 'mu' (D,) and covariance 'sigma' (D, D), as written by "
-            "torch-fidelity/pytorch-fid, JiT's fid_stats or --compute-stats-from."
+            "torch-fidelity/pytorch-fid, JiT's fid_stats or `compute_stats_from`."
         )
     mu = np.asarray(contents[pair[0]], dtype=np.float64)
     sigma = np.asarray(contents[pair[1]], dtype=np.float64)
@@ -110,7 +110,7 @@ def load_reference_stats(
         if resolution is not None and int(resolution) != found:
             raise ValueError(
                 f"Reference statistics {str(path)!r} were computed at {found}×{found} (their {stated_in_file!r} entry), "
-                f"but --reference-resolution says {resolution}."
+                f"but `reference_resolution` says {resolution}."
             )
     elif resolution is not None:
         found, source = int(resolution), "user"
@@ -124,10 +124,10 @@ def load_reference_stats(
                 f"Cannot tell which resolution the reference statistics {str(path)!r} belong to: the file has no "
                 f"'resolution' entry and its name states none. The model generates {expected_resolution}×"
                 f"{expected_resolution} images; if the statistics were computed at that size, say so with "
-                f"--reference-resolution {expected_resolution}."
+                f"`reference_resolution={expected_resolution}`."
             )
         if found != int(expected_resolution):
-            where = {"file": "their 'resolution' entry", "user": "--reference-resolution", "filename": "the file name"}[source]
+            where = {"file": "their 'resolution' entry", "user": "`reference_resolution`", "filename": "the file name"}[source]
             raise ValueError(
                 f"Wrong reference statistics: {str(path)!r} are for {found}×{found} images ({where}), but the model "
                 f"generates {expected_resolution}×{expected_resolution} images. Use the matching file, e.g. "

@@ -79,7 +79,7 @@ def apply_interleaved_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor
     """Rotate interleaved channel pairs (x[2j], x[2j+1]) of `x` (B, N, H, D) in fp32 and cast back.
 
     One complex multiplication (x[2j] + i·x[2j+1])·e^{i·angle}: the same products and sums as the real-valued
-    (cos, sin) form, bit for bit, but ~20× faster on CPU than slicing the pairs apart and re-stacking them.
+    (cos, sin) form, bit for bit, but faster than slicing the pairs apart and re-stacking them (docs/benchmarks.md).
     """
     x_complex = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
     rotated = torch.view_as_real(x_complex * freqs[None, :, None, :])
@@ -431,7 +431,7 @@ class PMFTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapter
         """Run the transformer blocks on sub-batches of `chunk_size` samples.
 
         Samples never interact in this network, so the outputs are the same up to fp32 rounding. On a CPU it keeps the
-        activations of a large batch cache-sized: at batch 16, chunks of 4 ran 1.07× faster than one pass
+        activations of a large batch cache-sized: at batch 16, chunks of 4 ran faster than one pass
         (docs/benchmarks.md). It does not save memory in training (autograd keeps every chunk's activations).
         """
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:

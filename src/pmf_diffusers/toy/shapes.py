@@ -258,9 +258,7 @@ def _prepare_output_dir(out: Path, overwrite: bool) -> None:
     if not entries:
         return
     if not overwrite:
-        raise FileExistsError(
-            f"output directory {out} is not empty; pass overwrite=True (CLI: --overwrite) to replace it"
-        )
+        raise FileExistsError(f"output directory {out} is not empty; pass `overwrite=True` to replace it")
     # Safety: only ever delete what a previous toy dataset could have written.
     known = set(TOY_CLASS_FOLDERS) | {"metadata.json"}
     foreign = [e.name for e in entries if e.name not in known]

@@ -92,8 +92,8 @@ def adm_center_crop(image: Image.Image, size: int, allow_upscale: bool = False, 
         where = f" {path}" if path else ""
         raise ImageTooSmallError(
             f"Image{where} is {width}×{height}, smaller than the training resolution {size}×{size}. Train at a lower "
-            f"resolution (--resolution N, at most {min(width, height)} for this image), remove such images, or pass "
-            "--allow_upscale to bicubic-upscale them (the official ImageNet pipeline does this)."
+            f"resolution (`size=N`, at most {min(width, height)} for this image), remove such images, or pass "
+            "`allow_upscale=True` to bicubic-upscale them (the official ImageNet pipeline does this)."
         )
     while min(*image.size) >= 2 * size:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.Resampling.BOX)
@@ -199,8 +199,8 @@ def check_first_images(rows, image_column: str, size: int, allow_upscale: bool =
         where, width, height = small[0]
         raise ImageTooSmallError(
             f"All {readable} images checked (the first of the dataset) are smaller than the training resolution "
-            f"{size}×{size}, e.g. {where} ({width}×{height}). Train at a lower resolution (--resolution N, at most "
-            f"{min(width, height)} for this image), or pass --allow_upscale to bicubic-upscale them (the official "
+            f"{size}×{size}, e.g. {where} ({width}×{height}). Train at a lower resolution (`size=N`, at most "
+            f"{min(width, height)} for this image), or pass `allow_upscale=True` to bicubic-upscale them (the official "
             "ImageNet pipeline does this)."
         )
 
@@ -238,16 +238,16 @@ def check_image_folder(path: str | os.PathLike) -> Path:
     root = Path(path).expanduser()
     if not root.exists():
         raise DatasetError(
-            f"--train_data_dir {root} does not exist. Point it at a folder with one sub-folder per class "
+            f"`train_data_dir` {root} does not exist. Point it at a folder with one sub-folder per class "
             "(e.g. data/toy/00_red_circle/*.png); `python -m pmf_diffusers.training.toy_data data/toy` writes a toy one."
         )
     if not root.is_dir():
-        raise DatasetError(f"--train_data_dir {root} is not a directory.")
+        raise DatasetError(f"`train_data_dir` {root} is not a directory.")
     for _, _, files in os.walk(root):
         if any(name.lower().endswith(IMAGE_EXTENSIONS) for name in files):
             return root
     raise DatasetError(
-        f"--train_data_dir {root} contains no images (looked for {', '.join(IMAGE_EXTENSIONS)} recursively). "
+        f"`train_data_dir` {root} contains no images (looked for {', '.join(IMAGE_EXTENSIONS)} recursively). "
         "Expected one sub-folder per class with image files inside."
     )
 
@@ -275,7 +275,7 @@ def load_training_dataset(
     import datasets
 
     if (train_data_dir is None) == (dataset_name is None):
-        raise DatasetError("Give exactly one of --train_data_dir (an image folder) and --dataset_name (a Hub dataset).")
+        raise DatasetError("Give exactly one of `train_data_dir` (an image folder) and `dataset_name` (a Hub dataset).")
     if train_data_dir is not None:
         root = check_image_folder(train_data_dir)
         source = str(root)
@@ -295,14 +295,14 @@ def load_training_dataset(
             (c for c in columns if isinstance(features[c], datasets.Image)), None
         ) if features is not None else None
         if image_column is None:
-            raise DatasetError(f"No image column found in {source}; columns are {columns}. Pass --image_column.")
+            raise DatasetError(f"No image column found in {source}; columns are {columns}. Pass `image_column`.")
     elif image_column not in columns:
-        raise DatasetError(f"--image_column {image_column!r} not found in {source}; columns are {columns}.")
+        raise DatasetError(f"`image_column` {image_column!r} not found in {source}; columns are {columns}.")
     explicit_label = label_column is not None
     if label_column is None:
         label_column = "label" if "label" in columns else None
     elif label_column not in columns:
-        raise DatasetError(f"--label_column {label_column!r} not found in {source}; columns are {columns}.")
+        raise DatasetError(f"`label_column` {label_column!r} not found in {source}; columns are {columns}.")
     if not explicit_label and label_column is None:
         logger.warning(f"No `label` column in {source}: training with a single class (id 0).")
 
@@ -325,8 +325,8 @@ def load_training_dataset(
         elif feature is not None and getattr(feature, "dtype", "") == "string":
             if streaming:
                 raise DatasetError(
-                    f"Label column {label_column!r} holds strings; with --streaming the class set cannot be listed. "
-                    "Use a ClassLabel/int column, or drop --streaming."
+                    f"Label column {label_column!r} holds strings; with `streaming` the class set cannot be listed. "
+                    "Use a ClassLabel/int column, or drop `streaming`."
                 )
             class_names = sorted(set(dataset[label_column]))
             label_to_id = {name: i for i, name in enumerate(class_names)}
@@ -334,13 +334,13 @@ def load_training_dataset(
             if num_classes is None:
                 if streaming:
                     raise DatasetError(
-                        f"Label column {label_column!r} is not a ClassLabel; with --streaming pass --num_classes."
+                        f"Label column {label_column!r} is not a ClassLabel; with `streaming` pass `num_classes`."
                     )
                 num_classes = int(max(dataset.unique(label_column))) + 1
             class_names = [str(i) for i in range(num_classes)]
     if num_classes is not None and num_classes != len(class_names):
         if num_classes < len(class_names):
-            raise DatasetError(f"--num_classes {num_classes} is below the {len(class_names)} classes of {source}.")
+            raise DatasetError(f"`num_classes={num_classes}` is below the {len(class_names)} classes of {source}.")
         class_names = class_names + [str(i) for i in range(len(class_names), num_classes)]
 
     num_examples = None if streaming else len(dataset)

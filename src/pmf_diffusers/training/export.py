@@ -18,6 +18,7 @@ import torch
 
 __all__ = [
     "ema_weights",
+    "log_sample_grid",
     "lora_adapter_card",
     "save_lora_adapter",
     "save_pipeline",
@@ -80,6 +81,20 @@ def save_sample_grid(
     images = images.float().cpu()
     scale = max(1, 64 // images.shape[-1])  # small samples are enlarged (nearest-neighbour) to stay visible
     return save_image_grid(images, path, nrow=images_per_class, value_range=(0.0, 1.0), scale=scale)
+
+
+def log_sample_grid(trackers, path: Path, step: int) -> None:
+    """Send a saved grid to the trackers as the image `samples`: the grid itself (rows = classes), not loose images
+    that they would re-tile their own way."""
+    import numpy as np
+    from PIL import Image
+
+    grid = np.asarray(Image.open(path).convert("RGB"))
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"samples": grid[None]}, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({"samples": [grid]}, step)
 
 
 def _replace_folder(staging: Path, destination: Path) -> Path:

@@ -17,8 +17,11 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers.utils import logging
 
-__all__ = ["LOSS_NAMES", "MetricsFile", "StepMetrics"]
+logger = logging.get_logger(__name__)
+
+__all__ = ["LOSS_NAMES", "MetricsFile", "SkippedImages", "StepMetrics"]
 
 LOSS_NAMES = ("loss", "loss_u", "loss_v", "loss_lpips", "loss_convnext")
 
@@ -81,6 +84,37 @@ class StepMetrics:
             result["img_per_sec"] = result["images"] / elapsed
         self._reset_window()
         return result
+
+
+class SkippedImages:
+    """The images the collator dropped from their batches (`batch["corrupt"]`: unreadable, `batch["too_small"]`:
+    smaller than the resolution): each file is reported once per process when first met, and counted."""
+
+    KINDS = {"corrupt": "unreadable image", "too_small": "image"}
+
+    def __init__(self):
+        self.seen: dict[str, dict[str, int]] = {kind: {} for kind in self.KINDS}  # path -> times met, this process
+        self.total = {kind: 0 for kind in self.KINDS}  # over all processes, as logged
+
+    def note(self, batch: dict) -> None:
+        for kind, label in self.KINDS.items():
+            for path, reason in batch[kind]:
+                if path not in self.seen[kind]:
+                    logger.warning(f"Skipping {label} {path}: {reason}")
+                self.seen[kind][path] = self.seen[kind].get(path, 0) + 1
+
+    def add_totals(self, collected: dict) -> dict[str, int]:
+        """Add the counts of a [`StepMetrics.collect`] result; the logged totals `{"corrupt_images", ...}`."""
+        for kind in self.KINDS:
+            self.total[kind] += int(collected.get(kind, 0))
+        return {f"{kind}_images": total for kind, total in self.total.items()}
+
+    def report(self, process_index: int) -> None:
+        for kind, seen in self.seen.items():
+            if seen:
+                logger.warning(f"Skipped {sum(seen.values())} {'unreadable' if kind == 'corrupt' else 'too small'} "
+                               f"image read(s) ({len(seen)} distinct file(s)) on process {process_index}: "
+                               f"{sorted(seen)[:10]}")
 
 
 class MetricsFile:

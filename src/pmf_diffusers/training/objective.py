@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from ..models.transformer_pmf import PMFEagerAttnProcessor, PMFTransformer2DModel
 from ..official import OFFICIAL_PRESETS, resolve_preset
-from .jvp import explicit_jvp_supported, u_head_jvp
+from .jvp import check_jvp_attention, explicit_jvp_supported, u_head_jvp
 
 logger = logging.get_logger(__name__)
 
@@ -49,6 +49,9 @@ class PMFLossConfig:
         explicit_jvp: Compute the JVP with the layer-by-layer forward-mode pass of `training.jvp` (same result to
             fp32 rounding, faster than `torch.func.jvp`: docs/benchmarks.md); `False` forces `torch.func.jvp`.
             Models whose block linears are not plain linear maps (bias, active dropout) always use `torch.func.jvp`.
+        jvp_attention: How the explicit JVP runs each block's softmax attention and its tangent: `"explicit"`
+            (default, eager) or `"compiled"` (`torch.compile`d; same result to fp32 rounding; docs/training.md,
+            "JVP attention"). Ignored when the JVP falls back to `torch.func.jvp`.
     """
 
     p_mean: float = 0.8
@@ -69,8 +72,10 @@ class PMFLossConfig:
     min_time: float = 0.05
     jvp_in_fp32: bool = True
     explicit_jvp: bool = True
+    jvp_attention: str = "explicit"
 
     def __post_init__(self):
+        check_jvp_attention(self.jvp_attention)
         if self.class_dropout_mode not in ("per_sample", "first_k"):
             raise ValueError(f"class_dropout_mode must be 'per_sample' or 'first_k', got {self.class_dropout_mode!r}.")
         if not 0.0 <= self.data_proportion <= 1.0 or not 0.0 <= self.class_dropout_prob <= 1.0:
@@ -349,7 +354,7 @@ def pmf_loss(
             device_type=x.device.type, enabled=not config.jvp_in_fp32 and torch.is_autocast_enabled(x.device.type)
         ):
             if config.explicit_jvp and explicit_jvp_supported(net):
-                x_pred_u, d_x_pred_u = u_head_jvp(net, primals, tangents, *conditions)
+                x_pred_u, d_x_pred_u = u_head_jvp(net, primals, tangents, *conditions, attention=config.jvp_attention)
             else:
                 x_pred_u, d_x_pred_u = _u_head_jvp_autograd(net, primals, tangents, *conditions)
         return v_c, v_u, x_pred_u, d_x_pred_u

@@ -1,5 +1,5 @@
 # Copyright 2026 The pmf-diffusers developers. MIT License.
-"""Perceptual losses of pMF training (spec §5.4): LPIPS-VGG and a ConvNeXt-V2 feature distance.
+"""Perceptual losses of pMF training (docs/algorithm.md, "Perceptual losses"): LPIPS-VGG and a ConvNeXt-V2 distance.
 
 Both losses compare x̂ = z − t·u with the clean image x on the *same* paired random-resized crop (224×224).
 
@@ -306,7 +306,7 @@ def paired_random_resized_crop(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""
     Random-resized crop with one box per sample (:func:`sample_crop_boxes`), shared by ``x_hat`` and ``x``
-    (spec §5.4). Each crop is resampled to ``size``×``size`` with bicubic interpolation and antialiasing.
+    (docs/algorithm.md, "Perceptual losses"). Each crop is resampled to ``size``×``size`` with bicubic interpolation and antialiasing.
     Differentiable w.r.t. both images.
 
     The official JAX code resamples with ``jax.image.scale_and_translate`` (bicubic, antialias) on the whole image,

@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import math
 
+from ..official import IMAGENET_SAMPLE_CLASSES, OFFICIAL_NUM_CLASSES
 from .ema import MultiEMA
 from .presets import TrainingPreset
 
-__all__ = ["resolve_batch_sizes", "resolve_export_ema", "resolve_max_train_steps", "resolve_model_config"]
+__all__ = [
+    "resolve_batch_sizes",
+    "resolve_export_ema",
+    "resolve_max_train_steps",
+    "resolve_model_config",
+    "resolve_validation_classes",
+]
 
 
 def resolve_model_config(preset: TrainingPreset, num_classes: int, **overrides) -> dict:
@@ -99,3 +106,19 @@ def resolve_export_ema(preset: TrainingPreset, half_lives_kimg: list[float], req
     if preset.official and MultiEMA.key_for(preset.export_ema_kimg) in keys:
         return preset.export_ema_kimg
     return smallest
+
+
+def resolve_validation_classes(requested: list[int] | None, num_classes: int, label_index: list[int] | None) -> list[int]:
+    """The class ids of the validation grid's rows: `requested` (checked against `num_classes`), else the classes of
+    the data (`label_index`: model class of each dataset class), the official sample classes for ImageNet, or the
+    first 10 classes."""
+    if requested is not None:
+        bad = [c for c in requested if not 0 <= c < num_classes]
+        if bad:
+            raise ValueError(f"validation_classes {bad} outside [0, {num_classes}).")
+        return list(requested)
+    if label_index is not None:
+        return sorted(set(label_index))[:10]
+    if num_classes == OFFICIAL_NUM_CLASSES:
+        return list(IMAGENET_SAMPLE_CLASSES)
+    return list(range(min(num_classes, 10)))
