@@ -17,7 +17,9 @@ every measurement, so a run that is killed keeps what it measured):
               `benchmarks/bench_train.py` (three no-grad target passes + `torch.func.jvp`), same weights and draws:
               loss/gradient agreement at fp32, then step time, images/s and peak memory under bf16 autocast (the
               JVP of `pmf_loss` stays fp32), gradient checkpointing on/off, the largest batch that fits, and the
-              host-device synchronisations of one step (CUDA's sync debug mode, with the line of each).
+              host-device synchronisations of one step (CUDA's sync debug mode, with the line of each). An extra
+              row runs `pmf_loss` with its JVP attention compiled (`PMFLossConfig(jvp_attention="compiled")`,
+              checked against the default explicit one at fp32) to decide whether that option should be on.
 * accelerate  `accelerate launch` (1 process) of examples/train_pmf.py for a few steps with checkpoints, then a
               resume from the middle checkpoint; weights, EMA export and losses compared (deterministic algorithms).
 
@@ -70,6 +72,9 @@ FORWARD_TOLERANCE = 1e-5
 TRAINING_TOLERANCE = 1e-4
 # Literal port vs pmf_loss: the issue's bar for "same loss and gradients".
 EQUIVALENCE_TOLERANCE = 1e-4
+# The training-step implementations of `pmf_loss` measured, with their PMFLossConfig overrides ("literal" is the port).
+COMPILED_JVP_ATTENTION = "pmf_loss, compiled JVP attention"
+PMF_LOSS_VARIANTS = {"pmf_loss": {}, COMPILED_JVP_ATTENTION: {"jvp_attention": "compiled"}}
 SAMPLING_GUIDANCE = (7.5, (0.1, 0.8))  # the official torch README's evaluation settings
 # Backends of diffusers' dispatcher tried with `--attention-backends auto`. The `*_hub` kernels are downloaded from the
 # Hub on first use (unreachable offline); name them explicitly to try them.
@@ -923,7 +928,8 @@ def train_step(model, implementation: str, images, labels, config, draws, autoca
 
     model.zero_grad(set_to_none=True)
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
-        if implementation == "pmf_loss":
+        if implementation in PMF_LOSS_VARIANTS:
+            config = replace(config, **PMF_LOSS_VARIANTS[implementation])
             loss = pmf_loss(model, images, labels, config, draws=draws).loss
         else:
             loss = bench_train().straightforward_loss(model, images, labels, config, draws)
@@ -935,22 +941,24 @@ def gradients(model) -> dict[str, torch.Tensor]:
     return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def compare_implementations(model, batch: int, device: torch.device, autocast: bool) -> dict:
-    """Loss and worst per-parameter gradient error of pmf_loss against the literal port, same weights and draws."""
+def compare_implementations(model, batch: int, device: torch.device, autocast: bool, implementation: str = "pmf_loss",
+                            reference: str = "literal") -> dict:
+    """Loss and worst per-parameter gradient error of `implementation` (pmf_loss) against `reference` (the literal
+    port), same weights and draws."""
     images, labels, config, draws = training_batch(model, batch, device)
-    literal_loss = train_step(model, "literal", images, labels, config, draws, autocast)
-    literal = gradients(model)
-    ours_loss = train_step(model, "pmf_loss", images, labels, config, draws, autocast)
+    reference_loss = train_step(model, reference, images, labels, config, draws, autocast)
+    expected = gradients(model)
+    ours_loss = train_step(model, implementation, images, labels, config, draws, autocast)
     ours = gradients(model)
     model.zero_grad(set_to_none=True)
-    missing = sorted(set(literal) ^ set(ours))
-    errors = {name: max_rel_err(ours[name], literal[name]) for name in literal if name in ours
-              and bool(literal[name].abs().max() > 0)}
+    missing = sorted(set(expected) ^ set(ours))
+    errors = {name: max_rel_err(ours[name], expected[name]) for name in expected if name in ours
+              and bool(expected[name].abs().max() > 0)}
     if not errors:
         raise RuntimeError("no parameter received a non-zero gradient")
     worst = max(errors, key=errors.get)
-    return {"loss_pmf_loss": float(ours_loss), "loss_literal": float(literal_loss),
-            "loss_rel_err": abs(float(ours_loss) - float(literal_loss)) / abs(float(literal_loss)),
+    return {f"loss_{implementation}": float(ours_loss), f"loss_{reference}": float(reference_loss),
+            "loss_rel_err": abs(float(ours_loss) - float(reference_loss)) / abs(float(reference_loss)),
             "max_grad_rel_err": errors[worst], "worst_parameter": worst, "parameters_compared": len(errors),
             "parameters_missing_a_gradient": missing}
 
@@ -1060,8 +1068,38 @@ def run_training(ctx: Context, deadline: float, shapes: tuple, equivalence: bool
                         continue
                     ctx.report.add("training", "rows", measure_training(ctx, model, shape, batch, implementation,
                                                                          checkpointing, row))
+            if not checkpointing:
+                measure_compiled_jvp_attention(ctx, model, shape, deadline)
         del model
         free_memory(ctx.device, collect=True)
+
+
+def measure_compiled_jvp_attention(ctx: Context, model, shape: str, deadline: float) -> None:
+    """After the targets' rows (its first call compiles): `pmf_loss` with the compiled JVP attention against the
+    explicit one at fp32 (TF32 off), then its step time at each batch (the JVP is no-grad, so checkpointing changes
+    nothing in it: off only)."""
+    batch = ctx.settings.train_batch_sizes[0]  # the first timed batch: the quick CPU run compiles once
+    row = {"shape": shape, "batch": batch, "precision": "fp32, TF32 off", "tolerance": EQUIVALENCE_TOLERANCE}
+    if Clock.left(deadline) <= 0:
+        ctx.report.add("training", "jvp_attention", {**row, "status": "skipped: time limit"})
+        return
+    with fp32_matmul("ieee"):
+        status, result = guarded(lambda: compare_implementations(
+            model, batch, ctx.device, autocast=False, implementation=COMPILED_JVP_ATTENTION, reference="pmf_loss"),
+            ctx.device)
+    row.update(status=status, **(result or {}))
+    if result:
+        row["passed"] = max(result["loss_rel_err"], result["max_grad_rel_err"]) <= EQUIVALENCE_TOLERANCE and (
+            not result["parameters_missing_a_gradient"])
+    ctx.report.add("training", "jvp_attention", row)
+    for batch in ctx.settings.train_batch_sizes:
+        row = {"shape": shape, "batch": batch, "implementation": COMPILED_JVP_ATTENTION,
+               "gradient_checkpointing": False, "fp32_matmul": ctx.args.fp32_matmul}
+        if Clock.left(deadline) <= 0:
+            ctx.report.add("training", "rows", {**row, "status": "skipped: time limit"})
+            continue
+        ctx.report.add("training", "rows", measure_training(ctx, model, shape, batch, COMPILED_JVP_ATTENTION, False,
+                                                             row))
 
 
 def measure_training(ctx: Context, model, shape: str, batch: int, implementation: str, checkpointing: bool,
@@ -1389,6 +1427,36 @@ def target_summary(data: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def jvp_attention_lines(training: dict) -> list[str]:
+    """The compiled JVP attention against the default explicit one: agreement at fp32 and step-time ratios."""
+    checks = training.get("jvp_attention", [])
+    rows = [r for r in training.get("rows", []) if r.get("status") == "ok"]
+    ratios = []
+    for compiled in (r for r in rows if r.get("implementation") == COMPILED_JVP_ATTENTION):
+        explicit = next((r for r in rows if r.get("implementation") == "pmf_loss" and r["shape"] == compiled["shape"]
+                         and r["batch"] == compiled["batch"] and
+                         r["gradient_checkpointing"] == compiled["gradient_checkpointing"]), None)
+        if explicit:
+            ratios.append(f"{compiled['shape']} batch {compiled['batch']} (grad ckpt "
+                          f"{'on' if compiled['gradient_checkpointing'] else 'off'}): "
+                          f"{explicit['median_step_s'] / compiled['median_step_s']:.2f}×")
+    if not checks and not ratios:
+        return []
+    lines = ["", "JVP attention compiled (`PMFLossConfig(jvp_attention=\"compiled\")`, off by default) against the "
+             "default explicit one:"]
+    for r in checks:
+        if r.get("status") != "ok":
+            lines.append(f"- {r['shape']} batch {r['batch']}, {r['precision']}: {r['status'][:90]}")
+            continue
+        passed = {True: "passed", False: "**FAILED**"}.get(r.get("passed"), "")
+        lines.append(f"- {r['shape']} batch {r['batch']}, {r['precision']}: loss rel diff {r['loss_rel_err']:.1e}, "
+                     f"worst grad rel diff {r['max_grad_rel_err']:.1e} ({r['worst_parameter']}), tolerance "
+                     f"{r['tolerance']:.0e}: {passed}")
+    if ratios:
+        lines.append("- step-time speed-up of compiled over explicit: " + "; ".join(ratios))
+    return lines
+
+
 def render_markdown(data: dict) -> str:
     info = data.get("device_info", {})
     lines = [f"# pMF GPU check ({data.get('status')})", "",
@@ -1488,10 +1556,11 @@ def render_markdown(data: dict) -> str:
                             o.get("batch") == r["batch"] and o.get("status") == "ok" and
                             o["gradient_checkpointing"] == r["gradient_checkpointing"]), None)
             speedup = None
-            if literal and r["implementation"] == "pmf_loss":
+            if literal and r["implementation"] in PMF_LOSS_VARIANTS:
                 speedup = literal["median_step_s"] / r["median_step_s"]
             lines.append(f"{head} {r['median_step_s']:.3f} | {r['images_per_s']:.1f} | "
                          f"{_fmt(r.get('peak_memory_gb'), '.1f')} | {_fmt(speedup, '.2f')}{'×' if speedup else ''} |")
+        lines += jvp_attention_lines(training)
         syncs = training.get("host_syncs")
         if syncs:
             lines += ["", f"Host syncs in one training step: {syncs.get('syncs', syncs.get('status'))}"

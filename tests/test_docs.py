@@ -4,23 +4,21 @@ here (offline, on the CPU) or carries a marker saying why it cannot.
 A marker is an HTML comment (invisible on GitHub and the Hub) on the line right before the opening fence:
 
     <!-- docs-test: skip (REASON) -->        not run (a python block is still compiled, so its syntax is checked)
-    <!-- docs-test: continue -->             python: runs in the namespace the previous python block of the same
-                                             file left, like the next cell of a notebook
     <!-- docs-test: given pipe = bundled --> python: `pipe` is the bundled model (`given pipe = pmf-b16`: the
                                              stand-in below) — for blocks that continue from the text around them
     <!-- docs-test: file NAME -->            any block: its text is written to NAME in the scratch folder before
                                              the file's blocks run (e.g. the example `labels.txt`)
 
-Directives combine with ";" (`<!-- docs-test: continue; given pipe = bundled -->`). An unmarked block that fails
-fails the test.
+Directives combine with ";". An unmarked block that fails fails the test.
 
 The blocks of one doc file run in order in one scratch folder, which holds
 * `pmf-b16/` (also as `pmf-b-16/`): a stand-in for the folder `pmf convert pMF-B/16 pmf-b16` writes, since the
   released weights need the Hub: a tiny random `PMFPipeline` with the 1000 ImageNet classes and pMF-B/16's sampling
   settings, so the blocks that load that folder run as written (their images are noise);
-* links to the repository's `examples/`, `benchmarks/` and `spaces_app/`, so the paths in commands resolve.
-Python blocks run in this process, bash blocks with `bash -euo pipefail`, both offline (`HF_HUB_OFFLINE=1`) with
-this interpreter's environment first on PATH (`pmf`, `python`, `accelerate`).
+* copies of the repository's `examples/`, `benchmarks/` and `spaces_app/`, so the paths in commands resolve.
+Python blocks run in this process, each in a fresh namespace; bash blocks run with `bash -euo pipefail`, offline
+(`HF_HUB_OFFLINE=1`), with this interpreter's bin folder first on PATH (`pmf`, `python`, `accelerate`), and are
+ended after BASH_TIMEOUT_S (a block that long needs a skip marker).
 """
 
 from __future__ import annotations
@@ -28,6 +26,8 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -44,8 +44,8 @@ MARKER = re.compile(r"^\s*<!--\s*docs-test:(?P<body>.*?)-->\s*$")
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`\s]*)")
 GIVEN = {"bundled", "pmf-b16"}
 STAND_IN_NAMES = ("pmf-b16", "pmf-b-16")
-LINKED_FOLDERS = ("examples", "benchmarks", "spaces_app")
-BASH_TIMEOUT_S = 300
+COPIED_FOLDERS = ("examples", "benchmarks", "spaces_app")
+BASH_TIMEOUT_S = 120
 
 
 @dataclass
@@ -55,7 +55,6 @@ class Block:
     language: str  # the fence's info string, lower case
     code: str
     skip: str | None = None
-    continues: bool = False
     given: dict[str, str] = field(default_factory=dict)
     file: str | None = None
 
@@ -81,8 +80,6 @@ def _apply_marker(block: Block, body: str) -> list[str]:
     for directive in (part.strip() for part in [*directives, current]):
         if match := re.fullmatch(r"skip\s*\((?P<reason>.+)\)", directive, flags=re.S):
             block.skip = match["reason"].strip()
-        elif directive == "continue":
-            block.continues = True
         elif match := re.fullmatch(r"given\s+(?P<name>[A-Za-z_]\w*)\s*=\s*(?P<source>\S+)", directive):
             if match["source"] not in GIVEN:
                 problems.append(f"unknown source {match['source']!r} in {directive!r} (known: {sorted(GIVEN)})")
@@ -90,9 +87,9 @@ def _apply_marker(block: Block, body: str) -> list[str]:
         elif match := re.fullmatch(r"file\s+(?P<name>[\w./-]+)", directive):
             block.file = match["name"]
         else:
-            problems.append(f"unknown directive {directive!r} (skip (REASON), continue, given NAME = SOURCE, file NAME)")
-    if (block.continues or block.given) and block.runner != "python":
-        problems.append("`continue` and `given` apply to python blocks only")
+            problems.append(f"unknown directive {directive!r} (known: skip (REASON), given NAME = SOURCE, file NAME)")
+    if block.given and block.runner != "python":
+        problems.append("`given` applies to python blocks only")
     return problems
 
 
@@ -105,7 +102,8 @@ def parse_blocks(path: Path) -> tuple[list[Block], list[str]]:
         opening = FENCE.match(lines[index])
         if not opening:
             if MARKER.match(lines[index]) and not (index + 1 < len(lines) and FENCE.match(lines[index + 1])):
-                problems.append(f"{path.relative_to(REPO_ROOT)}:{index + 1}: a docs-test marker must stand right before a code fence")
+                where = f"{path.relative_to(REPO_ROOT)}:{index + 1}"
+                problems.append(f"{where}: a docs-test marker must stand right before a code fence")
             index += 1
             continue
         indent, fence = len(opening["indent"]), opening["fence"]
@@ -172,7 +170,6 @@ def stand_in_b16(tmp_path_factory) -> Path:
 
 
 _SCRATCH: dict[Path, Path] = {}
-_NAMESPACES: dict[tuple[Path, int], dict] = {}  # (doc, line of the block) -> the namespace it left
 
 
 @pytest.fixture
@@ -184,8 +181,8 @@ def scratch(request, stand_in_b16, tmp_path_factory):
             folder = tmp_path_factory.mktemp("docs_" + re.sub(r"\W+", "_", str(doc.relative_to(REPO_ROOT))))
             for name in STAND_IN_NAMES:
                 (folder / name).symlink_to(stand_in_b16, target_is_directory=True)
-            for name in LINKED_FOLDERS:
-                (folder / name).symlink_to(REPO_ROOT / name, target_is_directory=True)
+            for name in COPIED_FOLDERS:  # copies: a command that writes there must not touch the repository
+                shutil.copytree(REPO_ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
             for block in parse_blocks(doc)[0]:
                 if block.file:
                     (folder / block.file).parent.mkdir(parents=True, exist_ok=True)
@@ -203,40 +200,33 @@ def _environment() -> dict[str, str]:
     return env
 
 
-def _given(name: str, source: str, folder: Path) -> str:
-    loader = "load_bundled_pipeline()" if source == "bundled" else f"PMFPipeline.from_pretrained({str(folder / source)!r})"
-    return f"from pmf_diffusers import PMFPipeline, load_bundled_pipeline\n{name} = {loader}\n"
-
-
-def _run_python(block: Block, folder: Path, monkeypatch) -> dict:
-    """Run a python block (after the blocks it continues from, if they have not run) and return its namespace."""
-    key = (block.path, block.line)
-    if key in _NAMESPACES:
-        return _NAMESPACES[key]
-    namespace = {"__name__": "__docs_test__"}
-    if block.continues:
-        earlier = [b for b in parse_blocks(block.path)[0] if b.runner == "python" and b.line < block.line]
-        assert earlier, f"{block.id}: `continue` but no python block comes before it"
-        assert not earlier[-1].skip, f"{block.id} continues {earlier[-1].id}, which is skipped: mark it too"
-        namespace = _run_python(earlier[-1], folder, monkeypatch)
+def _run_python(block: Block, folder: Path, monkeypatch) -> None:
     monkeypatch.chdir(folder)
+    namespace = {"__name__": "__docs_test__"}
     for name, source in block.given.items():
-        exec(_given(name, source, folder), namespace)
+        loader = "load_bundled_pipeline()" if source == "bundled" else f"PMFPipeline.from_pretrained({source!r})"
+        exec(f"from pmf_diffusers import PMFPipeline, load_bundled_pipeline\n{name} = {loader}", namespace)
     exec(compile(block.code, block.id, "exec"), namespace)
-    _NAMESPACES[key] = namespace
-    return namespace
 
 
-def _run_bash(code: str, folder: Path, label: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(
+def _run_bash(code: str, folder: Path, label: str) -> tuple[str, str]:
+    """Run a bash block in its own process group, so that a timeout ends every process it started."""
+    process = subprocess.Popen(
         ["bash", "-euo", "pipefail", "-c", code],
-        cwd=folder, env=_environment(), capture_output=True, text=True, timeout=BASH_TIMEOUT_S,
+        cwd=folder, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
     )
-    assert result.returncode == 0, (
-        f"{label} failed (exit {result.returncode}):\n{code}\n--- stdout\n{result.stdout[-3000:]}\n"
-        f"--- stderr\n{result.stderr[-3000:]}"
+    try:
+        stdout, stderr = process.communicate(timeout=BASH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{label} ran longer than {BASH_TIMEOUT_S} s: mark it `skip (REASON)`\n{code}")
+    assert process.returncode == 0, (
+        f"{label} failed (exit {process.returncode}):\n{code}\n--- stdout\n{stdout[-3000:]}\n"
+        f"--- stderr\n{stderr[-3000:]}"
     )
-    return result
+    return stdout, stderr
 
 
 @pytest.mark.parametrize("block", runnable_blocks(), ids=lambda block: block.id)

@@ -163,6 +163,9 @@ def test_quick_cpu_run(tmp_path, fake_official, monkeypatch):
     statuses = {(r["batch"], r["implementation"], r["gradient_checkpointing"]): r["status"] for r in training["rows"]}
     assert statuses[(2, "pmf_loss", False)] == statuses[(2, "literal", False)] == statuses[(2, "pmf_loss", True)] == "ok"
     assert {status for (batch, *_), status in statuses.items() if batch == 8} == {"OOM"}
+    (compiled_attention,) = training["jvp_attention"]  # PMFLossConfig(jvp_attention="compiled") vs the explicit JVP
+    assert compiled_attention["passed"] and compiled_attention["max_grad_rel_err"] <= 1e-4
+    assert statuses[(2, G.COMPILED_JVP_ATTENTION, False)] == "ok" and (2, G.COMPILED_JVP_ATTENTION, True) not in statuses
     assert training["host_syncs"]["status"].startswith("not measured")  # CUDA's sync debug mode
     searches = {(r["implementation"], r["gradient_checkpointing"]): r for r in training["largest_batch"]}
     assert [probe["batch"] for probe in searches[("pmf_loss", False)]["probes"]] == [2, 4, 8, 6, 5]
@@ -179,6 +182,7 @@ def test_quick_cpu_run(tmp_path, fake_official, monkeypatch):
                     "## accelerate launch"):
         assert heading in table
     assert "| OOM |" in table and "official generate" in table
+    assert "step-time speed-up of compiled over explicit: tiny batch 2" in table
 
 
 def _error_line(capsys, argv) -> str:

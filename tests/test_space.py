@@ -344,7 +344,9 @@ def test_generated_files_stay_under_the_disk_cap(registry, tmp_path, monkeypatch
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))  # read when the demo's components are built
     pipe = registry.get("bundled")
     names = sorted(pipe.id2label)
-    request = _request(pipe, classes=[str(i) for i in names[: app.MAX_CLASSES]], images_per_class=app.MAX_IMAGES_PER_CLASS)
+    request = _request(
+        pipe, classes=[str(i) for i in names[: app.MAX_CLASSES]], images_per_class=app.MAX_IMAGES_PER_CLASS
+    )
     cap = 400_000
     demo = app.build_demo(registry=registry, max_output_bytes=cap)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)

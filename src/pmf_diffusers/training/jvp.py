@@ -87,7 +87,7 @@ def softmax_attention_jvp(
 
 
 @functools.cache
-def _compiled_softmax_attention_jvp():
+def compiled_softmax_attention_jvp():
     """`softmax_attention_jvp` under `torch.compile` (inductor), built on first use: the softmax, its tangent and the
     dtype casts become fused kernels over the score rows; the products stay library GEMMs."""
     return torch.compile(softmax_attention_jvp, fullgraph=True)
@@ -116,7 +116,7 @@ def attention_jvp(
     query, d_query, key, d_key, value, d_value = (
         tensor.transpose(1, 2) for tensor in (query, d_query, key, d_key, value, d_value)
     )
-    softmax_attention = softmax_attention_jvp if attention == "explicit" else _compiled_softmax_attention_jvp()
+    softmax_attention = softmax_attention_jvp if attention == "explicit" else compiled_softmax_attention_jvp()
     output, d_output = softmax_attention(query, d_query, key, d_key, value, d_value)
     output, d_output = (tensor.transpose(1, 2).flatten(2, 3) for tensor in (output, d_output))
     return _linear_pair(attn.to_out, output, d_output)
