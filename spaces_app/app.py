@@ -531,7 +531,7 @@ def build_demo(
         gr.Markdown(
             "# pixel MeanFlow (pMF) — one-step, pixel-space image generation\n"
             "One network evaluation turns noise into an image, with no VAE and no latent space "
-            "([paper](https://arxiv.org/abs/2601.22158); `pip install pmf-diffusers` for the diffusers pipeline). "
+            "([paper](https://arxiv.org/abs/2601.22158); the model repos load with diffusers' `DiffusionPipeline` and `trust_remote_code=True`). "
             "Guidance is an input of the network, so ω costs nothing extra. Pick classes by name or index."
         )
         with gr.Row():

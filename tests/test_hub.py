@@ -665,7 +665,7 @@ def test_official_card(preset_name):
     assert f"`{preset.filename}`" in text
     usage = text.index("## Usage")
     assert usage < text.index("## Samples") < text.index("## Results")
-    assert text.index("pip install pmf-diffusers") > usage
+    assert text.index("pip install diffusers torch") > usage and "pip install pmf-diffusers" not in text
     assert "from pmf_diffusers import PMFPipeline" in text
     assert f'pipe = PMFPipeline.from_pretrained("{"pmf/" + preset_name.replace("/", "-")}")' in text
     assert "image = pipe(class_labels=[207]).images[0]" in text
@@ -692,7 +692,7 @@ def test_trained_card_with_recipe():
         assert row in text, row
     assert "```bash\naccelerate launch examples/train_pmf.py --max-steps 20000\n```" in text
     assert "trained from scratch" in text and "## Samples" not in text
-    assert text.index("pip install pmf-diffusers") < text.index("## Training")
+    assert text.index("pip install diffusers torch") < text.index("## Training") and "pip install pmf-diffusers" not in text
     assert 'PMFPipeline.from_pretrained("alice/pmf-toy")' in text and "class_labels=[0]" in text
 
 
