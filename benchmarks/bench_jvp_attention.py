@@ -106,7 +106,8 @@ def main():
     print("|---|---|---|---|---|---|")
     for row in results:
         print(f"| {row['measurement']} | {row['median_s']['explicit']:.4f} | {row['median_s']['compiled']:.4f} | "
-              f"{row['speedup_of_compiled']:.2f}× | {row['first_call_s']['compiled']:.1f} | {row['max_rel_diff']:.1e} |")
+              f"{row['speedup_of_compiled']:.2f}× | {row['first_call_s']['compiled']:.1f} | "
+              f"{row['max_rel_diff']:.1e} |")
     if args.output:
         with open(args.output, "w") as handle:
             json.dump({"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -116,8 +116,6 @@ def train_command(args, data_dir: Path, train_dir: Path) -> list[str]:
         str(REPO_ROOT / "examples" / "train_pmf.py"),
         "--preset", args.preset, "--train_data_dir", str(data_dir / "train"), "--output_dir", str(train_dir),
         "--no_perceptual", "--seed", str(args.seed), "--report_to", "none", "--export_drop_v_head",
-        # A short run ends better with a decayed step (docs/results/digits_experiments.md); flags are not preset fields.
-        "--lr_scheduler", "cosine", "--lr_warmup_steps", "50",
     ]
     if args.max_train_steps is not None:
         command += ["--max_train_steps", str(args.max_train_steps)]

@@ -334,7 +334,8 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
                        "(and at the end); 0 = never.")
     group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints.")
     group.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' (newest complete "
-                       "checkpoint-* in --output_dir; starts fresh when none) or a checkpoint path.")
+                       "checkpoint-* in --output_dir; a damaged one is skipped with a warning; starts fresh when none) "
+                       "or a checkpoint path. Its files are checked against the checksums recorded when it was saved.")
     group.add_argument("--export_at_checkpoints", action="store_true", help="Also export the EMA pipeline into each "
                        "checkpoint folder (checkpoint-STEP/pipeline).")
 

@@ -15,7 +15,13 @@ from pmf_diffusers.models.transformer_pmf import (
     pad_rope_freqs,
 )
 from pmf_diffusers.training import PMFLossConfig, pmf_loss, sample_draws
-from pmf_diffusers.training.jvp import attention_jvp, explicit_jvp_supported, u_head_jvp
+from pmf_diffusers.training import jvp
+from pmf_diffusers.training.jvp import (
+    attention_jvp,
+    compiled_softmax_attention_jvp,
+    explicit_jvp_supported,
+    u_head_jvp,
+)
 
 
 def tiny_model(name: str) -> PMFTransformer2DModel:
@@ -138,7 +144,14 @@ def test_compiled_jvp_attention_at_b16_sequence_length(single_thread):
     assert max_rel_err(d_out_compiled, d_out) <= 1e-5
 
 
-def test_pmf_loss_with_compiled_jvp_attention(single_thread):
+def test_pmf_loss_with_compiled_jvp_attention(single_thread, monkeypatch):
+    compiled_calls = []  # the option reaches the blocks: each one fetches the compiled function
+
+    def count_compiled_fetches():
+        compiled_calls.append(1)
+        return compiled_softmax_attention_jvp()
+
+    monkeypatch.setattr(jvp, "compiled_softmax_attention_jvp", count_compiled_fetches)
     model = tiny_model("tinyA").train()
     generator = torch.Generator().manual_seed(1)
     images = torch.rand(3, 3, 32, 32, generator=generator) * 2 - 1
@@ -150,8 +163,10 @@ def test_pmf_loss_with_compiled_jvp_attention(single_thread):
         model.zero_grad(set_to_none=True)
         loss = pmf_loss(model, images, labels, replace(config, jvp_attention=mode), draws=draws).loss
         loss.backward()
-        results[mode] = loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        grads = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+        results[mode] = loss.detach(), grads
     (loss, grads), (loss_compiled, grads_compiled) = results["explicit"], results["compiled"]
+    assert len(compiled_calls) == len(model.transformer_blocks) + len(model.u_head_blocks)
     assert max_rel_err(loss_compiled, loss) <= 1e-5
     assert grads_compiled.keys() == grads.keys()
     assert max(max_rel_err(grads_compiled[name], grads[name]) for name in grads) <= 1e-4

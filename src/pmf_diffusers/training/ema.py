@@ -89,7 +89,7 @@ class PowerEMA(_StoredParameters):
     Usage::
 
         ema = PowerEMA(model.parameters(), half_life_kimg=500)
-        accelerator.register_for_checkpointing(ema)
+        TrainingState(accelerator, ema=ema)  # checkpointed as safetensors (pmf_diffusers.training.checkpointing)
         ...
         optimizer.step(); ema.step(model.parameters())
         ema.store(model.parameters()); ema.copy_to(model.parameters()); evaluate(); ema.restore(model.parameters())

@@ -133,7 +133,11 @@ def feed_forward_jvp(ff: PMFFeedForward, x: torch.Tensor, dx: torch.Tensor) -> t
 
 
 def block_jvp(
-    block: PMFTransformerBlock, x: torch.Tensor, dx: torch.Tensor, rope_freqs: torch.Tensor, attention: str = "explicit"
+    block: PMFTransformerBlock,
+    x: torch.Tensor,
+    dx: torch.Tensor,
+    rope_freqs: torch.Tensor,
+    attention: str = "explicit",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pre-norm block with its gated residuals (linear in the branch output, so the tangent follows directly)."""
     attn_out, d_attn_out = attention_jvp(block.attn, *rms_norm_jvp(block.norm1, x, dx), rope_freqs, attention)
