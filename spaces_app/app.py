@@ -1,8 +1,8 @@
 # Copyright 2026 The pmf-diffusers developers. MIT License.
 """Gradio Space: one-step, class-conditional, pixel-space image generation with pixel MeanFlow (pMF).
 
-Run locally with `python spaces_app/app.py` (or `build_demo().launch()`). The bundled toy model (10 classes of coloured
-shapes, 32×32) works offline; the official ImageNet sizes (`pMF-B/16` … `pMF-H/32`) are offered when the Hub is
+Run locally with `python spaces_app/app.py` (or `build_demo().launch()`). The bundled models — toy shapes (10 classes of
+coloured shapes, 32×32, the default) and handwritten digits (real, 10 classes, 32×32) — work offline; the official ImageNet sizes (`pMF-B/16` … `pMF-H/32`) are offered when the Hub is
 reachable or their converted folders are already cached, and are downloaded and converted once on first use.
 
 API (e.g. through `gradio_client.Client(url)`):
@@ -34,7 +34,7 @@ import gradio as gr
 import torch
 
 from pmf_diffusers import PMFPipeline, load_imagenet_id2label
-from pmf_diffusers.bundled import BUNDLED_MODEL_NAME
+from pmf_diffusers.bundled import BUNDLED_MODEL_TITLES, BUNDLED_MODELS, DEFAULT_BUNDLED_MODEL, bundled_model_names
 from pmf_diffusers.image_grid import image_grid
 from pmf_diffusers.loading import (
     BUNDLED,
@@ -122,9 +122,11 @@ def hub_reachable(timeout: float = 2.0) -> bool:
 
 
 def default_models() -> dict[str, ModelSource]:
-    """The bundled toy model, plus the official sizes that can be loaded here: all of them when the Hub is
-    reachable, else only those already cached (converted folder or downloaded checkpoint)."""
+    """The bundled models (the default one as "bundled", then e.g. "digits"), plus the official sizes that can be
+    loaded here: all of them when the Hub is reachable, else only those already cached (converted folder or
+    downloaded checkpoint)."""
     models: dict[str, ModelSource] = {BUNDLED: BUNDLED}
+    models.update({name: name for name in bundled_model_names() if name != DEFAULT_BUNDLED_MODEL})
     online = hub_reachable()
     for name in OFFICIAL_PRESETS:
         if online or _official_cached(name):
@@ -143,8 +145,9 @@ class ModelRegistry:
         self._load_locks: dict[str, threading.Lock] = {name: threading.Lock() for name in self.sources}
 
     def label(self, name: str) -> str:
-        if name == BUNDLED:
-            return f"Toy shapes 32×32 — bundled ({BUNDLED_MODEL_NAME}, offline)"
+        bundled_name = DEFAULT_BUNDLED_MODEL if name == BUNDLED else name
+        if bundled_name in BUNDLED_MODELS:
+            return f"{BUNDLED_MODEL_TITLES[bundled_name]} — bundled ({BUNDLED_MODELS[bundled_name]}, offline)"
         if name in OFFICIAL_PRESETS:
             preset = OFFICIAL_PRESETS[name]
             size = preset.sample_size
@@ -158,7 +161,7 @@ class ModelRegistry:
     def is_local(self, name: str) -> bool:
         """Loadable without a download (so `generate` may load it on demand)."""
         source = self.sources[name]
-        if callable(source) or source == BUNDLED:
+        if callable(source) or source == BUNDLED or source in bundled_model_names():
             return True
         if is_official_size_name(source):
             return _official_converted(source)
@@ -521,7 +524,7 @@ def build_demo(
             gr.update(value=min(max(pipe.config.default_guidance_scale, MIN_GUIDANCE), MAX_GUIDANCE)),
             gr.update(value=lo),
             gr.update(value=hi),
-            gr.update(visible=not official),
+            gr.update(visible=not official and class_choices(pipe) == toy_choices),  # the examples' classes
             gr.update(visible=official),
         )
 
@@ -587,6 +590,7 @@ def build_demo(
             except Exception:  # noqa: BLE001 — no toy examples then
                 toy_pipe = None
         # Examples only fill the inputs (not cached: nothing runs at startup, nothing burns ZeroGPU quota).
+        toy_choices = class_choices(toy_pipe) if toy_pipe is not None else None
         with gr.Column(visible=not first_official) as toy_examples:
             if toy_pipe is not None and not is_imagenet(toy_pipe):
                 rows, labels = toy_example_rows(toy_pipe)

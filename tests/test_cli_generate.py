@@ -36,6 +36,17 @@ def test_generate_with_the_bundled_model_writes_pngs_and_a_grid(tmp_path, capsys
         assert torch.equal(torch.tensor(list(Image.open(first).getdata())), torch.tensor(list(Image.open(second).getdata())))
 
 
+def test_generate_with_the_bundled_digits_model(tmp_path, capsys):
+    """`--model digits` is the second bundled model (real handwritten digits), found by name, offline."""
+    code, out, err = run(["generate", "--model", "digits", "--class-labels", "seven", "3", "--images-per-class", "2",
+                          "--output", str(tmp_path)], capsys)
+    assert code == 0, err
+    names = sorted(path.name for path in tmp_path.glob("*_class*.png"))
+    assert len(names) == 4 and sum("_class7_" in name for name in names) == 2, names
+    image = np.asarray(Image.open(tmp_path / names[0]))
+    assert image.shape[:2] == (32, 32) and (tmp_path / "grid.png").is_file()
+
+
 def test_generate_batch_size_bounds_memory_not_the_images(tmp_path, capsys):
     """--batch-size is the pipeline's `max_batch_size`: image i keeps seed + i (its noise); the network sees other
     batch shapes, so a pixel may move by float rounding (one uint8 level), no more."""

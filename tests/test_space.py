@@ -318,7 +318,7 @@ def test_model_list_offline_and_gpu_decorator_fallback(space, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # huggingface_hub reads the variable at import
     assert app.hub_reachable() is False
     monkeypatch.setattr(app, "_official_cached", lambda name: name == "pMF-L/16")
-    assert list(app.default_models()) == ["bundled", "pMF-L/16"]  # offline: only what is cached
+    assert list(app.default_models()) == ["bundled", "digits", "pMF-L/16"]  # offline: only what is cached
     if importlib.util.find_spec("spaces") is None:  # off ZeroGPU the decorator changes nothing
 
         def function():

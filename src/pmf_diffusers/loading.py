@@ -3,7 +3,9 @@
 Space, the evaluation and the training script.
 
 A source is one of
-* `"bundled"` (or `None`): the small toy-shapes model shipped inside the package (works offline);
+* `"bundled"` (or `None`): the default model shipped inside the package, the small toy-shapes model (works offline);
+* the name of a bundled model: `"toy-shapes"` or `"digits"` (real handwritten digits; see `pmf_diffusers.bundled`).
+  A bundled name wins over a local folder of the same name: write `./digits` for the folder;
 * an existing folder: a saved `PMFPipeline` (`save_pretrained`, `pmf convert`, `examples/train_pmf.py` output);
 * an official size name (`pMF-B/16`, `b16`, `pmf-b-16`, …): the released weights, downloaded and converted once by
   [`load_official`], then served from the cache;
@@ -17,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .bundled import bundled_model_names
 from .official import OFFICIAL_PRESETS, OFFICIAL_REPO_ID, OfficialPreset, default_cache_dir, resolve_preset
 
 if TYPE_CHECKING:
@@ -116,8 +119,8 @@ def load_official(
 
 def _unknown_source(source: str) -> ValueError:
     return ValueError(
-        f"unknown model {source!r}: use 'bundled', a PMFPipeline folder, an official size "
-        f"({', '.join(OFFICIAL_PRESETS)}) or a Hub repo id namespace/name"
+        f"unknown model {source!r}: use 'bundled', a bundled model ({', '.join(bundled_model_names())}), a "
+        f"PMFPipeline folder, an official size ({', '.join(OFFICIAL_PRESETS)}) or a Hub repo id namespace/name"
     )
 
 
@@ -129,7 +132,7 @@ def load_pipeline(
     """Load a `PMFPipeline` from `source` (see the module docstring for what a source can be).
 
     Args:
-        source: `"bundled"`/`None`, a folder, an official size name or a Hub repo id.
+        source: `"bundled"`/`None`, a bundled model's name, a folder, an official size name or a Hub repo id.
         dtype: dtype of the weights (default: as saved).
         device: device to move the pipeline to (default: stay on the CPU).
 
@@ -146,6 +149,8 @@ def load_pipeline(
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if source is None or source == BUNDLED:
         pipe = load_bundled_pipeline(**kwargs)
+    elif isinstance(source, str) and source in bundled_model_names():
+        pipe = load_bundled_pipeline(source, **kwargs)
     else:
         path = Path(source).expanduser()
         if path.is_dir():

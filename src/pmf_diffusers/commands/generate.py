@@ -17,6 +17,7 @@ GRID_FILENAME = "grid.png"
 EPILOG = f"""\
 --model is one of
   * bundled (default): the small toy-shapes model shipped inside the package (10 classes, 32x32; works offline);
+  * digits: the second bundled model, trained on real handwritten digits (10 classes, 32x32; works offline);
   * a local PMFPipeline folder (pipe.save_pretrained / pmf convert / train_pmf.py output);
   * an official size name ({", ".join(OFFICIAL_PRESETS)}; also b16, pmf-b-16, ...):
     the released weights, downloaded and converted once, cached;
@@ -26,6 +27,7 @@ Every pmf command reads --model the same way.
 examples:
   pmf generate                                             # every class of the bundled model, seed 0
   pmf generate --class-labels red_circle purple_star --images-per-class 4 --seed 7
+  pmf generate --model digits --images-per-class 4       # real handwritten digits 0-9
   pmf generate --model pMF-B/16 --class-labels "golden retriever" 360 --dtype bf16 --device cuda
   pmf generate --model ./pmf-b-16 --class-labels 207 --guidance-scale 7.5 --guidance-interval 0.1 0.8
   pmf generate --class-labels 0 --images-per-class 64 --compile   # many images on a CPU
@@ -48,7 +50,7 @@ def add_parser(subparsers):
         description="Generate class-conditional images in one step with a PMFPipeline.",
         epilog=EPILOG,
     )
-    parser.add_argument("--model", default="bundled", help="bundled | FOLDER | pMF-B/16 ... | namespace/name")
+    parser.add_argument("--model", default="bundled", help="bundled | digits | FOLDER | pMF-B/16 ... | namespace/name")
     parser.add_argument(
         "--class-labels", nargs="+", metavar="LABEL", default=None,
         help="class ids or names (quote names with spaces); default: up to the first 10 classes",
