@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..loading import hub_offline
+
 if TYPE_CHECKING:
     from transformers import ConvNextV2Config, ConvNextV2Model
 
@@ -44,10 +46,6 @@ _LPIPS_SCALE = (0.458, 0.448, 0.450)
 
 class PerceptualWeightsNotFoundError(FileNotFoundError):
     """Pretrained weights of a perceptual network are not available locally and cannot be downloaded."""
-
-
-def _is_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 class _FrozenModule(nn.Module):
@@ -87,7 +85,7 @@ def _load_vgg16_state_dict(path: str | os.PathLike | None) -> dict[str, torch.Te
     if path is None:
         if cached.is_file():
             path = cached
-        elif _is_offline():
+        elif hub_offline():
             raise PerceptualWeightsNotFoundError(
                 f"VGG16 trunk weights for LPIPS not found and HF_HUB_OFFLINE is set. {where}, or pass `vgg_path=`."
             )
