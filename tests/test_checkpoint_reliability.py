@@ -25,9 +25,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pmf_diffusers.training.toy_data import TOY_CLASS_FOLDERS, make_toy_dataset
+from pmf_diffusers.training.toy_data import TOY_CLASS_FOLDERS
 from conftest import load_train_script
-from train_utils import add_tiny_test_preset, recording_accelerator
+from train_utils import add_tiny_test_preset, make_toy_subset, recording_accelerator
 
 T = load_train_script("train_pmf_reliability")
 TRAINED: list[dict] = []
@@ -47,10 +47,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def toy4(workdir) -> Path:
-    root = make_toy_dataset(workdir / "toy4", images_per_class=16, size=32, seed=0)
-    for folder in TOY_CLASS_FOLDERS[4:]:
-        shutil.rmtree(root / folder)
-    return root
+    return make_toy_subset(workdir / "toy4", images_per_class=16, size=32)
 
 
 def argv(output_dir: Path, data: Path, cache: Path, *extra: str, steps: int = 4) -> list[str]:

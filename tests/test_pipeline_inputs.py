@@ -140,6 +140,21 @@ def test_callback_may_replace_latents_and_must_return_a_dict(pipe):
         pipe([1, 2], callback_on_step_end=lambda p, i, t, kwargs: {"latents": torch.zeros(1, 3, 16, 16)})
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_callback_latents_must_be_finite(pipe, value):
+    """Latents a step-end callback returns get the same check as latents passed in: NaN/inf gives a black image."""
+
+    def spoil(pipe, step, timestep, callback_kwargs):
+        callback_kwargs["latents"][0, 0, 0, 0] = value
+        return callback_kwargs
+
+    with pytest.raises(ValueError, match="returned by `callback_on_step_end` must be finite.*NaN or infinite") as raised:
+        pipe([1, 2], num_inference_steps=2, output_type="latent", callback_on_step_end=spoil)
+    assert "\n" not in str(raised.value)
+    with pytest.raises(TypeError, match="returned by `callback_on_step_end` must be a torch.Tensor, got ndarray"):
+        pipe([1, 2], callback_on_step_end=lambda p, i, t, kwargs: {"latents": np.zeros((2, 3, 16, 16), np.float32)})
+
+
 def test_pipeline_level_qkv_fusion(pipe):
     latents = noise(3)
     unfused = pipe([0, 4, 10], num_inference_steps=2, latents=latents, output_type="latent").images

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -19,9 +18,9 @@ from safetensors.torch import load_file
 from pmf_diffusers import PMFPipeline, PMFScheduler, PMFTransformer2DModel
 from pmf_diffusers.loaders import ADAPTER_CONFIG_NAME, CLASS_EMBEDDINGS_NAME
 from pmf_diffusers.training.lora import replace_class_table
-from pmf_diffusers.training.toy_data import TOY_CLASS_FOLDERS, make_toy_dataset
+from pmf_diffusers.training.toy_data import TOY_CLASS_FOLDERS
 from conftest import load_train_script
-from train_utils import TINY_TEST_PRESET, add_tiny_test_preset, recording_accelerator
+from train_utils import TINY_TEST_PRESET, add_tiny_test_preset, make_toy_subset, recording_accelerator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "train_pmf.py"
@@ -52,9 +51,7 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def shapes(workdir) -> Path:
     """4 classes × 8 images of 16×16, folders named after the classes (`red_circle`, ...)."""
-    root = make_toy_dataset(workdir / "toy", images_per_class=8, size=16, seed=0)
-    for folder in TOY_CLASS_FOLDERS[4:]:
-        shutil.rmtree(root / folder)
+    root = make_toy_subset(workdir / "toy", images_per_class=8, size=16)
     for folder in TOY_CLASS_FOLDERS[:4]:
         (root / folder).rename(root / folder[3:])  # "00_red_circle" -> "red_circle"
     (root / "metadata.json").unlink(missing_ok=True)

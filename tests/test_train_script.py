@@ -35,7 +35,7 @@ from pmf_diffusers.training.perceptual import PerceptualWeightsNotFoundError
 from pmf_diffusers.training.presets import TRAINING_PRESETS, get_training_preset, official_model_config
 from pmf_diffusers.training.toy_data import TOY_CLASS_FOLDERS, make_toy_dataset
 from conftest import launch_train_script, load_train_script, max_rel_err
-from train_utils import TINY_TEST_PRESET, add_tiny_test_preset, recording_accelerator
+from train_utils import TINY_TEST_PRESET, add_tiny_test_preset, make_toy_subset, recording_accelerator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,10 +59,7 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def toy4(workdir) -> Path:
     """4 classes × 16 images of 32×32 (the tiny-test preset trains at 16×16: exercises the BOX-halving crop)."""
-    root = make_toy_dataset(workdir / "toy4", images_per_class=16, size=32, seed=0)
-    for folder in TOY_CLASS_FOLDERS[4:]:
-        shutil.rmtree(root / folder)
-    return root
+    return make_toy_subset(workdir / "toy4", images_per_class=16, size=32)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,10 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
+from pathlib import Path
 
+from pmf_diffusers.toy.shapes import TOY_CLASS_FOLDERS, make_toy_dataset
 from pmf_diffusers.training import MultiEMA, PMFLossConfig
 from pmf_diffusers.training.checkpointing import TrainingState
 from pmf_diffusers.training.distributed import full_tensor, unwrap_model
@@ -87,3 +90,11 @@ def weights_hash_lines(model, ema: MultiEMA | None) -> str:
     if ema is not None:
         lines += [f"{key} {weights_sha256(ema[key].shadow_params)}" for key in ema.keys()]
     return "\n".join(lines) + "\n"
+
+
+def make_toy_subset(root: Path, images_per_class: int, size: int, num_classes: int = 4) -> Path:
+    """The first `num_classes` toy-shape classes as an image folder (seed 0)."""
+    make_toy_dataset(root, images_per_class=images_per_class, size=size, seed=0)
+    for folder in TOY_CLASS_FOLDERS[num_classes:]:
+        shutil.rmtree(root / folder)
+    return root
