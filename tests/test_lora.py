@@ -27,6 +27,7 @@ from pmf_diffusers.lora import (
     save_pmf_lora,
 )
 from pmf_diffusers.training import PMFLossConfig, pmf_loss
+from test_pipeline_inputs import assert_payload_is_live, save_pickle_with_code
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -520,6 +521,34 @@ def test_non_finite_weights_are_refused(tmp_path):
     with pytest.raises(ValueError, match=f"class table .*{CLASS_EMBEDDINGS_NAME} has NaN or infinite values"):
         pipe.load_lora_weights(tmp_path / "shapes")
     assert_nothing_loaded(pipe)
+
+
+def test_pickle_lora_files_are_refused_unread(tmp_path):
+    from safetensors.torch import load_file
+
+    folder, marker = tmp_path / "adapter", tmp_path / "payload-ran"
+    save_pmf_lora(random_adapter(), folder, adapter_name="b")
+    pickle_file = folder / "pytorch_lora_weights.bin"
+    save_pickle_with_code(pickle_file, load_file(folder / LORA_FILE), marker)
+    (folder / LORA_FILE).unlink()
+    pipe = make_pipe()
+    for source, kwargs in [
+        (folder, {}),  # diffusers would fall back to the .bin
+        (folder, {"weight_name": pickle_file.name}),
+        (folder, {"use_safetensors": False}),
+        (pickle_file, {}),
+    ]:
+        for load in (pipe.load_lora_weights, PMFPipeline.lora_state_dict):
+            with pytest.raises(ValueError) as raised:
+                load(source, **kwargs)
+            message = str(raised.value)
+            assert "\n" not in message
+            assert message.startswith(f"{pickle_file} is a pickle weights file: the pMF LoRA loader loads weights only "
+                                      "from safetensors")
+            assert f"save_file(torch.load('{pickle_file}', weights_only=True), '{folder / LORA_FILE}')" in message
+        assert_nothing_loaded(pipe)
+    assert not marker.exists()
+    assert_payload_is_live(pickle_file, marker)
 
 
 def test_adapter_from_a_shallower_base_is_refused(tmp_path):

@@ -148,7 +148,8 @@ def test_callback_latents_must_be_finite(pipe, value):
         callback_kwargs["latents"][0, 0, 0, 0] = value
         return callback_kwargs
 
-    with pytest.raises(ValueError, match="returned by `callback_on_step_end` must be finite.*NaN or infinite") as raised:
+    message = "returned by `callback_on_step_end` must be finite.*NaN or infinite"
+    with pytest.raises(ValueError, match=message) as raised:
         pipe([1, 2], num_inference_steps=2, output_type="latent", callback_on_step_end=spoil)
     assert "\n" not in str(raised.value)
     with pytest.raises(TypeError, match="returned by `callback_on_step_end` must be a torch.Tensor, got ndarray"):
@@ -334,6 +335,70 @@ def test_bad_inputs_get_one_line(pipe, kwargs, error, message):
     with pytest.raises(error, match=message) as raised:
         pipe([1, 2], output_type="latent", **kwargs)
     assert "\n" not in str(raised.value)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading a pipeline folder: safetensors only, finite weights
+# --------------------------------------------------------------------------------------------------------------
+class CodePayload:
+    """Unpickled by a full unpickler, this creates `marker`: the code a tampered weights file would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def save_pickle_with_code(path, tensors, marker):
+    """Write `tensors` as a torch pickle (`.bin`) that also holds a code payload creating `marker`."""
+    torch.save({**tensors, "payload": CodePayload(marker)}, path)
+
+
+def assert_payload_is_live(path, marker):
+    """The payload really runs under a full unpickler (so a test that saw no marker proves something)."""
+    assert not marker.exists()
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_pickle_weights_in_a_pipeline_folder_are_refused_unread(pipe, tmp_path):
+    from safetensors.torch import load_file
+
+    folder, marker = tmp_path / "pipe", tmp_path / "payload-ran"
+    pipe.save_pretrained(folder)
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    pickle_file = weights.with_suffix(".bin")
+    save_pickle_with_code(pickle_file, load_file(weights), marker)
+    weights.unlink()
+    for kwargs in ({}, {"use_safetensors": False}):
+        with pytest.raises(ValueError) as raised:
+            PMFPipeline.from_pretrained(folder, **kwargs)
+        message = str(raised.value)
+        assert "\n" not in message
+        assert message.startswith(f"{pickle_file} is a pickle weights file: PMFPipeline.from_pretrained loads weights "
+                                  "only from safetensors")
+        assert f"save_file(torch.load('{pickle_file}', weights_only=True), '{weights}')" in message
+    assert not marker.exists()
+    assert_payload_is_live(pickle_file, marker)
+
+
+def test_pipeline_folder_with_non_finite_weights_is_refused(pipe, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "pipe"
+    pipe.save_pretrained(folder)
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    first, second = sorted(name for name, tensor in tensors.items() if tensor.is_floating_point())[:2]
+    tensors[first].view(-1)[0] = float("nan")
+    tensors[second].view(-1)[-1] = float("-inf")
+    save_file(tensors, weights)
+    message = rf"{folder}/transformer has NaN or infinite weights in 2 tensor\(s\)"
+    with pytest.raises(ValueError, match=message) as raised:
+        PMFPipeline.from_pretrained(folder)
+    message = str(raised.value)
+    assert "\n" not in message and first in message and second in message
 
 
 def test_check_guidance_settings_accepts_numbers_of_any_kind():

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 # The facts about the released sizes live in `official.py`, `load_official` in `loading.py`; OFFICIAL_PRESETS,
+from .loaders.safe_weights import non_finite_tensor_names
+
 # OFFICIAL_REPO_ID, default_cache_dir and load_official stay importable from here, where they used to live.
 from .loading import load_official  # noqa: F401
 from .models.transformer_pmf import PMFTransformer2DModel, get_2d_rope_freqs
@@ -300,11 +302,7 @@ def convert_official_state_dict(state_dict: Mapping) -> tuple[dict, dict[str, to
         raise CheckpointConversionError("Checkpoint does not match a pMF network — " + "; ".join(problems) + ".")
 
     # A NaN or inf weight would give black or noise images without a word; meta tensors (key checks only) hold none.
-    non_finite = [
-        file_key_of[key]
-        for key, tensor in converted.items()
-        if tensor.device.type != "meta" and tensor.is_floating_point() and not torch.isfinite(tensor).all()
-    ]
+    non_finite = [file_key_of[key] for key in non_finite_tensor_names(converted.items())]
     if non_finite:
         raise CheckpointConversionError(
             f"Checkpoint has NaN or infinite weights in {len(non_finite)} tensor(s): {_name_some(non_finite)}; the file "

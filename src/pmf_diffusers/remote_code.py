@@ -493,6 +493,8 @@ class PMFRemoteCodeMixin:
     * `from_pretrained` reads `model_index.json` with every pMF entry resolved to this package's classes, whatever
       the folder says (remote-code form, or the `pmf_diffusers.models.transformer_pmf` entries of earlier versions);
       a component defined by other code in the folder, and `custom_pipeline`, are refused.
+    * `from_pretrained` reads safetensors weights only (a local folder whose component weights are pickles is refused
+      before anything loads, whatever `use_safetensors` says), and refuses loaded weights with NaN or infinite values.
     """
 
     @classmethod
@@ -502,7 +504,30 @@ class PMFRemoteCodeMixin:
                 f"{cls.__name__}.from_pretrained runs no code from a model folder, so `custom_pipeline` is not "
                 "accepted: use DiffusionPipeline.from_pretrained(..., custom_pipeline=..., trust_remote_code=True)."
             )
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        from .loaders.safe_weights import check_no_pickle_weights, non_finite_tensor_names
+
+        loader = f"{cls.__name__}.from_pretrained"
+        folder = Path(pretrained_model_name_or_path)
+        if folder.is_dir():
+            for component in COMPONENT_CLASSES:
+                check_no_pickle_weights(folder / component, loader)
+        # Safetensors only: diffusers would otherwise fall back to pickle weights (of a Hub repo, too).
+        kwargs["use_safetensors"] = True
+        pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+        # A NaN or inf weight would give black or noise images without a word.
+        for component in COMPONENT_CLASSES:
+            module = getattr(pipeline, component, None)
+            if not hasattr(module, "state_dict"):
+                continue
+            non_finite = non_finite_tensor_names(module.state_dict().items())
+            if non_finite:
+                raise ValueError(
+                    f"{pretrained_model_name_or_path}/{component} has NaN or infinite weights in {len(non_finite)} "
+                    f"tensor(s), e.g. {', '.join(non_finite[:3])}: the files are corrupt or come from a diverged "
+                    "training run. Load another checkpoint (or export the pipeline again from a good one)."
+                )
+        return pipeline
 
     @classmethod
     def _dict_from_json_file(cls, json_file):

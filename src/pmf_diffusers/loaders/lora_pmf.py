@@ -44,6 +44,12 @@ from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA
 from diffusers.utils import logging, require_peft_backend
 
 from ..labels import validate_id2label
+from .safe_weights import (
+    check_no_pickle_weights,
+    is_pickle_weights_file,
+    non_finite_tensor_names,
+    refuse_pickle_weights,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -208,7 +214,7 @@ def _check_lora_shapes(state_dict: dict[str, torch.Tensor], transformer: nn.Modu
 
 def _check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
     """Refuse NaN / infinite weights (a diverged or corrupted export would otherwise load without a word)."""
-    bad = [key for key, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    bad = non_finite_tensor_names(tensors.items())
     if bad:
         raise ValueError(
             f"{source} has NaN or infinite values in {len(bad)} tensor(s), e.g. {', '.join(bad[:3])}: the file is "
@@ -391,6 +397,18 @@ def _lora_file_description(path_or_repo: str, kwargs: dict) -> str:
     return repr(candidate)
 
 
+def _refuse_pickle_lora_file(path_or_repo: str, weight_name: str | None, subfolder: str | None) -> None:
+    """Refuse a pickle LoRA file (`pytorch_lora_weights.bin`, `weight_name="....bin"`) before diffusers reads it."""
+    loader = "the pMF LoRA loader"
+    if weight_name is not None and is_pickle_weights_file(weight_name):
+        local = os.path.join(path_or_repo, subfolder or "", weight_name)
+        refuse_pickle_weights(local if os.path.isdir(path_or_repo) else weight_name, loader)
+    if os.path.isfile(path_or_repo) and is_pickle_weights_file(path_or_repo):
+        refuse_pickle_weights(path_or_repo, loader)
+    if weight_name is None and os.path.isdir(path_or_repo):
+        check_no_pickle_weights(os.path.join(path_or_repo, subfolder or ""), loader)
+
+
 def _read_sidecar(path: str) -> dict:
     try:
         sidecar = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -514,20 +532,19 @@ class PMFLoraLoaderMixin(LoraBaseMixin):
         revision = kwargs.pop("revision", None)
         subfolder = kwargs.pop("subfolder", None)
         weight_name = kwargs.pop("weight_name", None)
-        use_safetensors = kwargs.pop("use_safetensors", None)
+        kwargs.pop("use_safetensors", None)  # safetensors only, whatever it says (see below)
         return_lora_metadata = kwargs.pop("return_lora_metadata", False)
 
-        allow_pickle = False
-        if use_safetensors is None:
-            use_safetensors = True
-            allow_pickle = True
+        # A pickle LoRA file is refused up front, and diffusers reads safetensors only (never falls back to a `.bin`).
+        if not isinstance(pretrained_model_name_or_path_or_dict, dict):
+            _refuse_pickle_lora_file(str(pretrained_model_name_or_path_or_dict), weight_name, subfolder)
 
         user_agent = {"file_type": "attn_procs_weights", "framework": "pytorch"}
 
         state_dict, metadata = _fetch_state_dict(
             pretrained_model_name_or_path_or_dict=pretrained_model_name_or_path_or_dict,
             weight_name=weight_name,
-            use_safetensors=use_safetensors,
+            use_safetensors=True,
             local_files_only=local_files_only,
             cache_dir=cache_dir,
             force_download=force_download,
@@ -536,7 +553,7 @@ class PMFLoraLoaderMixin(LoraBaseMixin):
             revision=revision,
             subfolder=subfolder,
             user_agent=user_agent,
-            allow_pickle=allow_pickle,
+            allow_pickle=False,
         )
 
         is_dora_scale_present = any("dora_scale" in k for k in state_dict)

@@ -65,6 +65,22 @@ def check_guidance_settings(
         raise ValueError(f"`guidance_interval` must satisfy 0 ≤ t_min ≤ t_max ≤ 1, got {guidance_interval!r}.")
 
 
+def _check_latents(latents, source: str = "`latents`") -> None:
+    """Raise a one-line error unless `latents` is a floating-point torch tensor with only finite values: NaN or inf
+    noise gives an all-black image without a word. The one check for latents passed in and returned by a step-end
+    callback."""
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(
+            f"{source} must be a torch.Tensor, got {type(latents).__name__}: convert it with "
+            "`torch.from_numpy(latents)` (or `torch.as_tensor`)."
+        )
+    if not latents.is_floating_point() or not torch.isfinite(latents).all():
+        raise ValueError(
+            f"{source} must be finite floating-point noise, got a {latents.dtype} tensor"
+            f"{'' if not latents.is_floating_point() else ' with NaN or infinite values'}."
+        )
+
+
 def _interval_values(guidance_interval) -> tuple[float | None, float | None] | None:
     """(t_min, t_max) as floats (`None` for an entry that is not a real number), or `None` if it is not a pair."""
     values = guidance_interval.tolist() if hasattr(guidance_interval, "tolist") else guidance_interval
@@ -196,16 +212,7 @@ class PMFPipeline(PMFRemoteCodeMixin, DiffusionPipeline, PMFLoraLoaderMixin, PMF
                 "pass `generator=torch.Generator().manual_seed(seed)`."
             )
         if latents is not None:
-            if not isinstance(latents, torch.Tensor):
-                raise TypeError(
-                    f"`latents` must be a torch.Tensor, got {type(latents).__name__}: convert it with "
-                    "`torch.from_numpy(latents)` (or `torch.as_tensor`)."
-                )
-            if not latents.is_floating_point() or not torch.isfinite(latents).all():
-                raise ValueError(
-                    f"`latents` must be finite floating-point noise, got a {latents.dtype} tensor"
-                    f"{'' if not latents.is_floating_point() else ' with NaN or infinite values'}."
-                )
+            _check_latents(latents)
         if max_batch_size is not None and (
             isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1
         ):
@@ -387,10 +394,10 @@ class PMFPipeline(PMFRemoteCodeMixin, DiffusionPipeline, PMFLoraLoaderMixin, PMF
                 f"{type(callback_outputs).__name__}."
             )
         new_latents = callback_outputs.pop("latents", latents)
-        if not isinstance(new_latents, torch.Tensor) or new_latents.shape != latents.shape:
-            shape = tuple(new_latents.shape) if isinstance(new_latents, torch.Tensor) else type(new_latents).__name__
+        _check_latents(new_latents, source="The `latents` returned by `callback_on_step_end`")
+        if new_latents.shape != latents.shape:
             raise ValueError(
-                f"`callback_on_step_end` returned `latents` of shape {shape}; expected a tensor of shape "
-                f"{tuple(latents.shape)}."
+                f"`callback_on_step_end` returned `latents` of shape {tuple(new_latents.shape)}; expected a tensor of "
+                f"shape {tuple(latents.shape)}."
             )
         return new_latents.to(device=latents.device, dtype=latents.dtype)
