@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-# The facts about the released sizes live in `official.py`, `load_official` in `loading.py`; OFFICIAL_PRESETS,
 from .loaders.safe_weights import non_finite_tensor_names
 
+# The facts about the released sizes live in `official.py`, `load_official` in `loading.py`; OFFICIAL_PRESETS,
 # OFFICIAL_REPO_ID, default_cache_dir and load_official stay importable from here, where they used to live.
 from .loading import load_official  # noqa: F401
 from .models.transformer_pmf import PMFTransformer2DModel, get_2d_rope_freqs
