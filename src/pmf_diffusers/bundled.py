@@ -46,10 +46,8 @@ def bundled_model_path(name: str | None = None) -> Path:
     else:
         raise ValueError(f"unknown bundled model {name!r}: choose one of {', '.join(bundled_model_names())}")
     if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"No bundled pMF model at {path}: reinstall pmf-diffusers, or point PMF_BUNDLED_MODEL_DIR to a "
-            "PMFPipeline folder."
-        )
+        override = " or point PMF_BUNDLED_MODEL_DIR to a PMFPipeline folder" if name is None else ""
+        raise FileNotFoundError(f"No bundled pMF model at {path}: reinstall pmf-diffusers{override}.")
     return path
 
 
