@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from cpu_launch import REPO_ROOT, cpu_train_command  # noqa: E402  (examples/ is on sys.path when run as a script)
 
 
 def parse_args(argv=None):
@@ -47,17 +47,10 @@ def parse_args(argv=None):
 
 
 def train_command(args, data_dir: Path, train_dir: Path) -> list[str]:
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(REPO_ROOT / "examples" / "train_pmf.py"),
-        "--preset", "toy-cpu", "--train_data_dir", str(data_dir), "--output_dir", str(train_dir),
-        "--no_perceptual", "--seed", str(args.seed), "--max_train_minutes", str(args.max_train_minutes),
-        "--export_drop_v_head",
-    ]
-    if args.max_train_steps:
-        command += ["--max_train_steps", str(args.max_train_steps)]
-    return command + shlex.split(args.extra_train_args)
+    return cpu_train_command(
+        "toy-cpu", data_dir, train_dir, args.seed, max_train_steps=args.max_train_steps,
+        max_train_minutes=args.max_train_minutes, extra_args=args.extra_train_args,
+    )
 
 
 def main(argv=None):

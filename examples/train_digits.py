@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from cpu_launch import REPO_ROOT, cpu_train_command  # noqa: E402  (examples/ is on sys.path when run as a script)
 DIGITS_RESOLUTION = 32
 SPLIT_FILE = "split.json"
 
@@ -119,18 +119,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def train_command(args, data_dir: Path, train_dir: Path) -> list[str]:
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(REPO_ROOT / "examples" / "train_pmf.py"),
-        "--preset", args.preset, "--train_data_dir", str(data_dir / "train"), "--output_dir", str(train_dir),
-        "--no_perceptual", "--seed", str(args.seed), "--report_to", "none", "--export_drop_v_head",
-    ]
-    if args.max_train_steps is not None:
-        command += ["--max_train_steps", str(args.max_train_steps)]
-    if args.max_train_minutes is not None:
-        command += ["--max_train_minutes", str(args.max_train_minutes)]
-    return command + shlex.split(args.extra_train_args)
+    return cpu_train_command(
+        args.preset, data_dir / "train", train_dir, args.seed, max_train_steps=args.max_train_steps,
+        max_train_minutes=args.max_train_minutes, extra_args=f"--report_to none {args.extra_train_args}",
+    )
 
 
 def trained_steps(pipeline_dir: Path) -> int | None:
