@@ -302,6 +302,9 @@ def _add_optimization_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ema_ref_batch", type=int, default=None, help="Reference batch of the EMA schedule (official "
                        "1024, hard-coded there); e.g. the real batch size for small runs. During the ramp-up the decay "
                        "does not depend on it.")
+    group.add_argument("--ema_rampup_ratio", type=float, default=None, help="EMA half-life ramp-up: the half-life is at "
+                       "most this share of the steps taken so far (official 0.05; default: the preset's). Short runs "
+                       "never leave the ramp-up, so this sets their averaging window.")
     group.add_argument("--export_ema", type=_ema_choice, default="preset", help="Half-life (kimg) of the EMA used for "
                        "validation samples and the exported pipeline, or 'none' for the raw weights. Default: the EMA "
                        "of the official evaluation for official presets (B/16 2000, B/32 2000, L/16 1000, L/32 2000, "
@@ -662,13 +665,16 @@ def prepare_training(run: TrainingRun) -> None:
         run.ema_params = [param for param in run.unwrapped.parameters() if param.requires_grad]
     else:
         run.ema_params = list(run.unwrapped.parameters())
+    rampup_ratio = args.ema_rampup_ratio if args.ema_rampup_ratio is not None else preset.ema_rampup_ratio
     if half_lives:
         ref_batch = args.ema_ref_batch if args.ema_ref_batch is not None else preset.ema_ref_batch
-        run.ema = MultiEMA(run.ema_params, half_lives_kimg=half_lives, ref_batch=ref_batch)
+        with setup_errors("Invalid EMA settings: "):
+            run.ema = MultiEMA(run.ema_params, half_lives_kimg=half_lives, ref_batch=ref_batch, rampup_ratio=rampup_ratio)
     run.ema_key = MultiEMA.key_for(export_hl) if export_hl is not None else None
     run.objective_rng = ObjectiveRNG(args.seed, accelerator.device)
     TrainingState(accelerator, objective_rng=run.objective_rng, ema=run.ema)  # saved and loaded with the accelerate state
     run.resolved.update(learning_rate=learning_rate, adam_beta2=adam_beta2, ema_half_lives_kimg=half_lives,
+                        ema_rampup_ratio=rampup_ratio,
                         export_ema_kimg=export_hl)
 
 

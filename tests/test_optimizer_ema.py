@@ -275,6 +275,17 @@ def test_ema_ref_batch_configurable():
     assert PowerEMA([torch.zeros(1)], rampup_ratio=None).decay_at(1) == pytest.approx(0.5 ** (1024 / 5e5))
 
 
+def test_ema_rampup_ratio_sets_the_short_run_window():
+    # During the ramp-up the half-life is `rampup_ratio` of the steps taken, whatever the reference batch.
+    for ref_batch in (32, 1024):
+        ema = MultiEMA([torch.zeros(1)], half_lives_kimg=(500, 1000), ref_batch=ref_batch, rampup_ratio=0.25)
+        for key in ema:
+            assert ema[key].decay_at(400) == pytest.approx(0.5 ** (1 / 100), rel=1e-12)  # half-life 100 steps
+    for bad in (0.0, -0.1):
+        with pytest.raises(ValueError, match="rampup_ratio"):
+            PowerEMA([torch.zeros(1)], rampup_ratio=bad)
+
+
 def test_ema_exact_update_copy_store_restore():
     torch.manual_seed(0)
     lin = nn.Linear(4, 3)

@@ -103,6 +103,8 @@ class PowerEMA(_StoredParameters):
         rampup_ratio: float | None = 0.05,
     ):
         params = _as_list(parameters)
+        if rampup_ratio is not None and not rampup_ratio > 0:
+            raise ValueError(f"`rampup_ratio` must be > 0 (or None for no ramp-up), got {rampup_ratio}.")
         self.half_life_kimg = float(half_life_kimg)
         self.ref_batch = int(ref_batch)
         self.rampup_ratio = None if rampup_ratio is None else float(rampup_ratio)

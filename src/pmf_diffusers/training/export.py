@@ -210,6 +210,8 @@ def training_card_info(
         "exported EMA (kimg)": "raw weights" if export_ema is None else f"{export_ema:g}",
         "mixed precision": resolved["mixed_precision"],
     }
+    if resolved.get("ema_rampup_ratio") is not None:
+        recipe["EMA ramp-up (share of steps)"] = f"{resolved['ema_rampup_ratio']:g}"
     recipe.update({k: v for k, v in loss_config.to_dict().items() if k not in ("min_time", "jvp_in_fp32")})
     info = {"dataset": dataset, "training_steps": steps, "recipe": recipe, "command": command}
     if hub_dataset:

@@ -44,6 +44,7 @@ class TrainingPreset:
         adam_beta2: b2 of the Adam part of Muon (official 0.95).
         ema_half_lives_kimg: EMA half-lives (official 500, 1000, 2000).
         ema_ref_batch: the EMA schedule's reference batch (official 1024, hard-coded).
+        ema_rampup_ratio: the EMA half-life ramp-up: at most this share of the steps taken so far (official 0.05).
         export_ema_kimg: the EMA exported into the pipeline and used for validation samples.
         guidance_scale, guidance_interval: sampling defaults written into the exported pipeline.
         num_train_epochs: default training length when ``--max_train_steps`` is not given.
@@ -61,6 +62,7 @@ class TrainingPreset:
     adam_beta2: float = 0.95
     ema_half_lives_kimg: tuple[float, ...] = (500.0, 1000.0, 2000.0)
     ema_ref_batch: int = 1024
+    ema_rampup_ratio: float = 0.05
     export_ema_kimg: float = 500.0
     guidance_scale: float = 1.0
     guidance_interval: tuple[float, float] = (0.0, 1.0)
