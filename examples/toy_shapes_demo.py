@@ -19,14 +19,13 @@ import argparse
 import json
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from cpu_launch import REPO_ROOT, cpu_train_command  # noqa: E402  (examples/ is on sys.path when run as a script)
+from cpu_launch import REPO_ROOT, run_cpu_training  # noqa: E402  (examples/ is on sys.path when run as a script)
 
 
 def parse_args(argv=None):
@@ -44,13 +43,6 @@ def parse_args(argv=None):
     parser.add_argument("--card-command", default=None, help="the reproduction command written into the bundled card")
     parser.add_argument("--extra-train-args", default="", help="appended to the train_pmf.py command line")
     return parser.parse_args(argv)
-
-
-def train_command(args, data_dir: Path, train_dir: Path) -> list[str]:
-    return cpu_train_command(
-        "toy-cpu", data_dir, train_dir, args.seed, max_train_steps=args.max_train_steps,
-        max_train_minutes=args.max_train_minutes, extra_args=args.extra_train_args,
-    )
 
 
 def main(argv=None):
@@ -78,12 +70,10 @@ def main(argv=None):
     report["judge_training_seconds"] = time.perf_counter() - start
 
     if not args.skip_training:
-        command = train_command(args, data_dir, train_dir)
-        report["train_command"] = " ".join(shlex.quote(part) for part in command)
-        print("running:", report["train_command"], flush=True)
-        start = time.perf_counter()
-        subprocess.run(command, check=True)
-        report["training_seconds"] = time.perf_counter() - start
+        report.update(run_cpu_training(
+            "toy-cpu", data_dir, train_dir, args.seed, max_train_steps=args.max_train_steps,
+            max_train_minutes=args.max_train_minutes, extra_args=args.extra_train_args,
+        ))
     pipeline_dir = train_dir / "pipeline"
     pipe = PMFPipeline.from_pretrained(pipeline_dir)
     pipe.set_progress_bar_config(disable=True)

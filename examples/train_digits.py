@@ -26,16 +26,14 @@ import argparse
 import json
 import shlex
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 
-from cpu_launch import REPO_ROOT, cpu_train_command  # noqa: E402  (examples/ is on sys.path when run as a script)
+from cpu_launch import run_cpu_training  # noqa: E402  (examples/ is on sys.path when run as a script)
 DIGITS_RESOLUTION = 32
 SPLIT_FILE = "split.json"
 
@@ -100,6 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split, the training run and the samples")
     parser.add_argument("--heldout-fraction", type=float, default=0.3, help="share of each class kept out of training")
     parser.add_argument("--preset", default="digits-cpu", help="train_pmf.py preset (default: digits-cpu)")
+    parser.add_argument("--num-processes", type=int, default=2,
+                        help="training processes (DDP over gloo, one thread each; 1 = a single process)")
     parser.add_argument("--max-train-steps", type=int, default=None, help="default: the preset's step budget")
     parser.add_argument("--max-train-minutes", type=float, default=None, help="wall-clock cap of the training run")
     parser.add_argument("--extra-train-args", default="", help="appended to the train_pmf.py command line")
@@ -108,6 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="evaluate this PMFPipeline folder instead of OUTPUT_DIR/train/pipeline (implies --skip-training)")
     parser.add_argument("--guidance-scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0],
                         help="ω values to evaluate (one-step samples)")
+    parser.add_argument("--sample-seed", type=int, default=None,
+                        help="seed of the evaluated samples (default: --seed); other values show the sampling spread")
     parser.add_argument("--grid-columns", type=int, default=8, help="samples (and real digits) per class in the grid")
     parser.add_argument("--default-guidance-scale", type=float, default=None,
                         help="set the pipeline's default ω before evaluating it (written into --export-bundled)")
@@ -116,13 +118,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--card-command", default=None,
                         help="the reproduction command written into the --export-bundled card (default: this run's)")
     return parser.parse_args(argv)
-
-
-def train_command(args, data_dir: Path, train_dir: Path) -> list[str]:
-    return cpu_train_command(
-        args.preset, data_dir / "train", train_dir, args.seed, max_train_steps=args.max_train_steps,
-        max_train_minutes=args.max_train_minutes, extra_args=f"--report_to none {args.extra_train_args}",
-    )
 
 
 def trained_steps(pipeline_dir: Path) -> int | None:
@@ -228,12 +223,11 @@ def main(argv=None) -> dict:
     report["split"] = {"train": len(split["train_indices"]), "heldout": len(split["heldout_indices"]), **split["settings"]}
 
     if not (args.skip_training or args.pipeline):
-        command = train_command(args, data_dir, train_dir)
-        report["train_command"] = " ".join(shlex.quote(part) for part in command)
-        print("running:", report["train_command"], flush=True)
-        start = time.perf_counter()
-        subprocess.run(command, check=True)
-        report["training_seconds"] = time.perf_counter() - start
+        report.update(run_cpu_training(
+            args.preset, data_dir / "train", train_dir, args.seed, num_processes=args.num_processes,
+            max_train_steps=args.max_train_steps, max_train_minutes=args.max_train_minutes,
+            extra_args=f"--report_to none {args.extra_train_args}",
+        ))
     pipeline_dir = args.pipeline or train_dir / "pipeline"
     pipe = PMFPipeline.from_pretrained(pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -248,10 +242,11 @@ def main(argv=None) -> dict:
     evaluator = HeldOutEvaluator(train_images, train_labels, heldout_images, heldout_labels, seed=args.seed)
     # As many samples per class as held-out digits, so the real-vs-real floor uses the same sample size and class mix.
     sample_labels = heldout_labels.copy()
+    sample_seed = report["sample_seed"] = args.seed if args.sample_seed is None else args.sample_seed
     guidance_scales = sorted({*args.guidance_scales, report["default_guidance_scale"]})
     report["guidance"] = {}
     for guidance_scale in guidance_scales:
-        samples = generate_samples(pipe, sample_labels, guidance_scale, seed=args.seed)
+        samples = generate_samples(pipe, sample_labels, guidance_scale, seed=sample_seed)
         report["guidance"][str(guidance_scale)] = evaluator.evaluate(samples, sample_labels)
         if guidance_scale == report["default_guidance_scale"]:
             save_comparison_grid(samples, sample_labels, heldout_images, heldout_labels,
