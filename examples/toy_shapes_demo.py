@@ -34,6 +34,8 @@ def parse_args(argv=None):
     parser.add_argument("--images-per-class", type=int, default=400, help="toy training images per class")
     parser.add_argument("--max-train-minutes", type=float, default=25.0)
     parser.add_argument("--max-train-steps", type=int, default=None)
+    parser.add_argument("--num-processes", type=int, default=1,
+                        help="training processes (2: DDP over gloo, one thread each, as examples/train_digits.py does)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples-per-class", type=int, default=50)
     parser.add_argument("--min-confidence", type=float, default=0.5)
@@ -71,7 +73,7 @@ def main(argv=None):
 
     if not args.skip_training:
         report.update(run_cpu_training(
-            "toy-cpu", data_dir, train_dir, args.seed, max_train_steps=args.max_train_steps,
+            "toy-cpu", data_dir, train_dir, args.seed, num_processes=args.num_processes, max_train_steps=args.max_train_steps,
             max_train_minutes=args.max_train_minutes, extra_args=args.extra_train_args,
         ))
     pipeline_dir = train_dir / "pipeline"
