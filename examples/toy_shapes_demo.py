@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from cpu_launch import REPO_ROOT, run_cpu_training  # noqa: E402  (examples/ is on sys.path when run as a script)
+from cpu_launch import REPO_ROOT, process_count, run_cpu_training  # noqa: E402  (examples/ is on sys.path when run as a script)
 
 
 def parse_args(argv=None):
@@ -34,7 +34,7 @@ def parse_args(argv=None):
     parser.add_argument("--images-per-class", type=int, default=400, help="toy training images per class")
     parser.add_argument("--max-train-minutes", type=float, default=25.0)
     parser.add_argument("--max-train-steps", type=int, default=None)
-    parser.add_argument("--num-processes", type=int, default=1,
+    parser.add_argument("--num-processes", type=process_count, default=1,
                         help="training processes (2: DDP over gloo, one thread each, as examples/train_digits.py does)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples-per-class", type=int, default=50)

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 
-from cpu_launch import run_cpu_training  # noqa: E402  (examples/ is on sys.path when run as a script)
+from cpu_launch import process_count, run_cpu_training  # noqa: E402  (examples/ is on sys.path when run as a script)
 DIGITS_RESOLUTION = 32
 SPLIT_FILE = "split.json"
 
@@ -98,7 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split, the training run and the samples")
     parser.add_argument("--heldout-fraction", type=float, default=0.3, help="share of each class kept out of training")
     parser.add_argument("--preset", default="digits-cpu", help="train_pmf.py preset (default: digits-cpu)")
-    parser.add_argument("--num-processes", type=int, default=2,
+    parser.add_argument("--num-processes", type=process_count, default=2,
                         help="training processes (DDP over gloo, one thread each; 1 = a single process)")
     parser.add_argument("--max-train-steps", type=int, default=None, help="default: the preset's step budget")
     parser.add_argument("--max-train-minutes", type=float, default=None, help="wall-clock cap of the training run")

@@ -36,6 +36,14 @@ def test_cpu_launch_starts_ddp_for_more_than_one_process(cpu_launch, tmp_path):
         cpu_launch.cpu_train_command("digits-cpu", tmp_path, tmp_path, 0, num_processes=0)
 
 
+def test_train_digits_refuses_a_bad_process_count_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(EXAMPLES / "train_digits.py"), "--output-dir", str(tmp_path),
+                             "--num-processes", "0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--num-processes: expected a whole number of processes >= 1, got '0'" in result.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 def test_train_digits_runs_end_to_end_with_two_processes(tmp_path):
     output = tmp_path / "digits"
     result = subprocess.run(
