@@ -1,5 +1,6 @@
 """The CPU training run shared by the example pipelines (toy_shapes_demo.py, train_digits.py)."""
 
+import argparse
 import os
 import shlex
 import socket
@@ -13,8 +14,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def process_count(text: str) -> int:
     """argparse type of --num-processes: a whole number >= 1."""
-    import argparse
-
     try:
         value = int(text)
     except ValueError:

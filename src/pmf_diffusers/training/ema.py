@@ -27,10 +27,13 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-__all__ = ["edm_ema_beta", "PowerEMA", "MultiEMA"]
+__all__ = ["OFFICIAL_RAMPUP_RATIO", "edm_ema_beta", "PowerEMA", "MultiEMA"]
+
+# The official half-life ramp-up: the half-life is at most this share of the steps taken so far.
+OFFICIAL_RAMPUP_RATIO = 0.05
 
 
-def edm_ema_beta(step: int, half_life_kimg: float, ref_batch: int = 1024, rampup_ratio: float | None = 0.05) -> float:
+def edm_ema_beta(step: int, half_life_kimg: float, ref_batch: int = 1024, rampup_ratio: float | None = OFFICIAL_RAMPUP_RATIO) -> float:
     """EMA decay ``beta`` applied after optimizer step ``step`` (1-based).  Computed in float64."""
     hl = float(half_life_kimg) * 1000.0
     if rampup_ratio is not None:
@@ -100,7 +103,7 @@ class PowerEMA(_StoredParameters):
         parameters: Iterable[torch.Tensor],
         half_life_kimg: float = 500.0,
         ref_batch: int = 1024,
-        rampup_ratio: float | None = 0.05,
+        rampup_ratio: float | None = OFFICIAL_RAMPUP_RATIO,
     ):
         params = _as_list(parameters)
         if rampup_ratio is not None and not rampup_ratio > 0:
@@ -216,7 +219,7 @@ class MultiEMA(_StoredParameters):
         parameters: Iterable[torch.Tensor],
         half_lives_kimg: Sequence[float] = (500.0, 1000.0, 2000.0),
         ref_batch: int = 1024,
-        rampup_ratio: float | None = 0.05,
+        rampup_ratio: float | None = OFFICIAL_RAMPUP_RATIO,
     ):
         params = _as_list(parameters)
         self.emas: dict[str, PowerEMA] = {}

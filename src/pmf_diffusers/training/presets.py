@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 # OFFICIAL_EVAL_EMA_KIMG and official_model_config live in `official.py`; importable from here, where they used to be.
 from ..official import OFFICIAL_EVAL_EMA_KIMG, OFFICIAL_PRESETS, official_model_config, resolve_preset
+from .ema import OFFICIAL_RAMPUP_RATIO
 from .objective import PMFLossConfig
 
 __all__ = [
@@ -62,7 +63,7 @@ class TrainingPreset:
     adam_beta2: float = 0.95
     ema_half_lives_kimg: tuple[float, ...] = (500.0, 1000.0, 2000.0)
     ema_ref_batch: int = 1024
-    ema_rampup_ratio: float = 0.05
+    ema_rampup_ratio: float = OFFICIAL_RAMPUP_RATIO
     export_ema_kimg: float = 500.0
     guidance_scale: float = 1.0
     guidance_interval: tuple[float, float] = (0.0, 1.0)
